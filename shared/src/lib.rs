@@ -1,0 +1,26 @@
+//! Cross-cutting building blocks shared by every service in the workspace.
+//!
+//! Services contain only their own domain; everything about *how services talk* lives here once:
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`client`] | the resilient HTTP client: timeouts, retries, retry budget, circuit breaker |
+//! | [`correlation`] | correlation IDs: adopt or mint at the edge, task-local, echoed on responses |
+//! | [`deadline`] | request budgets forwarded hop to hop, enforced at every service |
+//! | [`telemetry`] | JSON-lines logging with `service`, `correlationId` and `msg` |
+//! | [`problem`] | RFC 9457 problem+json errors and a JSON extractor that answers with them |
+//! | [`server`] | the middleware stack every service runs, serving with a bounded drain |
+//! | [`health`] / [`metrics`] | `/healthz`, `/readyz`, `/metrics` |
+//! | [`config`] | reading the environment in one place |
+//! | [`shutdown`] | SIGINT/SIGTERM and bounded draining |
+
+pub mod client;
+pub mod config;
+pub mod correlation;
+pub mod deadline;
+pub mod health;
+pub mod metrics;
+pub mod problem;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,370 @@
+//! Logs as JSON lines in the shape every service shares, or pretty text for local reading.
+//!
+//! Each line carries `timestamp`, `level`, `service`, `correlationId` (when there is one), `msg`,
+//! the event's own fields and the fields of the spans it happened in:
+//!
+//! ```text
+//! {"timestamp":"2026-11-22T10:00:00.123Z","level":"info","service":"order","correlationId":"a1f3","msg":"POST /orders","status":201}
+//! ```
+//!
+//! The correlation ID is read from the task-local set by [`crate::correlation`] at the moment the
+//! event is logged, so every line written while handling a request or a message carries it.
+//! `tracing-subscriber`'s own JSON format nests span fields and names the message `message`;
+//! grepping and shipping logs is simpler with one flat object in the shape above, hence this layer.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::config::{ConfigError, Env};
+use crate::correlation;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (the default: what log shippers and `grep` want).
+    Json,
+    /// Human-readable multi-field text for a terminal.
+    Pretty,
+}
+
+/// Logging settings, read from `LOG_FORMAT` (`json` or `pretty`) and `RUST_LOG`.
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    /// Line format.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `info,order_service=debug`.
+    pub filter: String,
+}
+
+impl TelemetrySettings {
+    /// Reads `LOG_FORMAT` (default `json`) and `RUST_LOG` (default `info`: one line per request
+    /// and per message, which is what the correlation-ID walkthrough needs).
+    ///
+    /// # Errors
+    /// Returns [`ConfigError`] for an unknown `LOG_FORMAT`.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let format = match env.string_or("LOG_FORMAT", "json").as_str() {
+            "json" => LogFormat::Json,
+            "pretty" => LogFormat::Pretty,
+            other => {
+                return Err(ConfigError {
+                    key: "LOG_FORMAT".to_owned(),
+                    value: other.to_owned(),
+                    reason: "expected json or pretty".to_owned(),
+                });
+            }
+        };
+        Ok(Self {
+            format,
+            filter: env.string_or("RUST_LOG", "info"),
+        })
+    }
+}
+
+/// Builds a subscriber for `service` that writes to `writer`.
+pub fn get_subscriber<W>(
+    service: &'static str,
+    settings: &TelemetrySettings,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    match settings.format {
+        LogFormat::Json => Box::new(
+            Registry::default()
+                .with(filter)
+                .with(JsonLayer::new(service, writer)),
+        ),
+        LogFormat::Pretty => Box::new(
+            Registry::default().with(filter).with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_target(false)
+                    .compact(),
+            ),
+        ),
+    }
+}
+
+/// Installs `subscriber` as the process-wide default.
+///
+/// # Errors
+/// Fails if a global subscriber is already installed.
+pub fn init_subscriber(
+    subscriber: Box<dyn Subscriber + Send + Sync>,
+) -> Result<(), tracing::subscriber::SetGlobalDefaultError> {
+    tracing::subscriber::set_global_default(subscriber)
+}
+
+/// Logs to stdout through a background writer thread, so a slow terminal or pipe never blocks a
+/// request. Keep the returned guard alive until exit: dropping it flushes what is buffered.
+///
+/// # Errors
+/// Fails on an invalid `LOG_FORMAT` or if a global subscriber is already installed.
+pub fn init_stdout(
+    service: &'static str,
+    env: &Env,
+) -> Result<tracing_appender::non_blocking::WorkerGuard, TelemetryError> {
+    let settings = TelemetrySettings::from_env(env)?;
+    // Lossy: under a log flood, lines are dropped rather than requests stalled. The buffer (128k
+    // lines) absorbs any burst this system produces at benchmark load.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(128 * 1024)
+        .lossy(true)
+        .finish(std::io::stdout());
+    init_subscriber(get_subscriber(service, &settings, writer))?;
+    Ok(guard)
+}
+
+/// Why logging could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// `LOG_FORMAT` or `RUST_LOG` is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A global subscriber was already installed.
+    #[error(transparent)]
+    AlreadyInstalled(#[from] tracing::subscriber::SetGlobalDefaultError),
+}
+
+/// The flat JSON-lines layer described in the module documentation.
+#[derive(Debug)]
+pub struct JsonLayer<W> {
+    service: &'static str,
+    writer: W,
+}
+
+impl<W> JsonLayer<W> {
+    /// A layer that tags lines without a `service` span field with `service`.
+    pub fn new(service: &'static str, writer: W) -> Self {
+        Self { service, writer }
+    }
+}
+
+/// Span fields, pre-rendered as JSON members (`,"key":value`) when the span is created.
+struct SpanFields(String);
+
+impl<S, W> Layer<S> for JsonLayer<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'a> MakeWriter<'a> + 'static,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut visitor = JsonVisitor::default();
+        attrs.record(&mut visitor);
+        span.extensions_mut().insert(SpanFields(visitor.out));
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if let Some(fields) = extensions.get_mut::<SpanFields>() {
+            let mut visitor = JsonVisitor {
+                out: std::mem::take(&mut fields.0),
+                ..JsonVisitor::default()
+            };
+            values.record(&mut visitor);
+            fields.0 = visitor.out;
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut visitor = JsonVisitor::default();
+        event.record(&mut visitor);
+
+        let mut line = String::with_capacity(256);
+        let now = OffsetDateTime::now_utc();
+        line.push_str("{\"timestamp\":\"");
+        let _ = now
+            .format(&Rfc3339)
+            .map(|t| line.push_str(&t))
+            .map_err(|_| line.push('?'));
+        let _ = write!(
+            line,
+            "\",\"level\":\"{}\"",
+            event.metadata().level().as_str().to_ascii_lowercase()
+        );
+
+        // Span fields, innermost span first; the service name may come from a span (several
+        // services in one test process) and falls back to this process's own.
+        let mut spans = String::new();
+        let mut service_in_span = false;
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope {
+                if let Some(fields) = span.extensions().get::<SpanFields>() {
+                    service_in_span |= fields.0.contains("\"service\":");
+                    spans.push_str(&fields.0);
+                }
+            }
+        }
+        if !service_in_span {
+            push_member(&mut line, "service", &Value::from(self.service));
+        }
+        if let Some(id) = correlation::current() {
+            push_member(&mut line, "correlationId", &Value::from(id.as_str()));
+        }
+        push_member(
+            &mut line,
+            "msg",
+            &Value::from(visitor.message.unwrap_or_default()),
+        );
+        push_member(&mut line, "target", &Value::from(event.metadata().target()));
+        line.push_str(&visitor.out);
+        line.push_str(&spans);
+        line.push_str("}\n");
+
+        let _ = self.writer.make_writer().write_all(line.as_bytes());
+    }
+}
+
+fn push_member(out: &mut String, key: &str, value: &Value) {
+    out.push(',');
+    out.push_str(&Value::from(key).to_string());
+    out.push(':');
+    out.push_str(&value.to_string());
+}
+
+/// Renders fields as JSON members, keeping the `message` field apart as `msg`.
+#[derive(Default)]
+struct JsonVisitor {
+    out: String,
+    message: Option<String>,
+}
+
+impl JsonVisitor {
+    fn member(&mut self, field: &Field, value: Value) {
+        if field.name() == "message" {
+            self.message = Some(match value {
+                Value::String(s) => s,
+                other => other.to_string(),
+            });
+        } else {
+            push_member(&mut self.out, field.name(), &value);
+        }
+    }
+}
+
+impl Visit for JsonVisitor {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.member(field, Value::from(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.member(field, Value::from(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.member(field, Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.member(field, Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.member(field, Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.member(field, Value::from(value));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.member(field, Value::from(value.to_string()));
+    }
+}
+
+/// A [`MakeWriter`] that appends to a shared buffer, for tests that inspect log lines.
+#[derive(Debug, Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Every line captured so far, parsed as JSON (lines that do not parse are skipped).
+    pub fn lines(&self) -> Vec<Value> {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for CapturedLogs {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_flat_json_with_service_correlation_id_and_msg() {
+        let logs = CapturedLogs::default();
+        let settings = TelemetrySettings {
+            format: LogFormat::Json,
+            filter: "info".to_owned(),
+        };
+        let subscriber = get_subscriber("order", &settings, logs.clone());
+        let id = correlation::CorrelationId::parse("abc-123").expect("valid");
+        tracing::subscriber::with_default(subscriber, || {
+            correlation::sync_scope(id, || {
+                let span = tracing::info_span!("http", method = "POST", path = "/orders");
+                let _entered = span.enter();
+                tracing::info!(status = 201_u16, "POST /orders");
+            });
+            tracing::info!("outside any request");
+        });
+        let lines = logs.lines();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["level"], "info");
+        assert_eq!(lines[0]["service"], "order");
+        assert_eq!(lines[0]["correlationId"], "abc-123");
+        assert_eq!(lines[0]["msg"], "POST /orders");
+        assert_eq!(lines[0]["status"], 201);
+        assert_eq!(lines[0]["path"], "/orders");
+        assert!(lines[1].get("correlationId").is_none());
+    }
+
+    #[test]
+    fn a_service_span_field_overrides_the_process_service_name() {
+        let logs = CapturedLogs::default();
+        let settings = TelemetrySettings {
+            format: LogFormat::Json,
+            filter: "info".to_owned(),
+        };
+        let subscriber = get_subscriber("test", &settings, logs.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("worker", service = "inventory");
+            let _entered = span.enter();
+            tracing::warn!(sku = "BK-12", "low stock");
+        });
+        let lines = logs.lines();
+        assert_eq!(lines[0]["service"], "inventory");
+        assert_eq!(lines[0]["level"], "warn");
+        assert_eq!(lines[0].as_object().map(|o| o.len()), Some(6));
+    }
+}
