@@ -11,15 +11,24 @@
 //! | [`problem`] | RFC 9457 problem+json errors and a JSON extractor that answers with them |
 //! | [`server`] | the middleware stack every service runs, serving with a bounded drain |
 //! | [`health`] / [`metrics`] | `/healthz`, `/readyz`, `/metrics` |
+//! | [`messaging`] / [`events`] | RabbitMQ: supervisor, topology, confirmed publishing, consumers, DLQ |
+//! | [`db`] / [`outbox`] / [`inbox`] | SQLite per service, transactional outbox and relay, consumer inbox |
+//! | [`money`] | amounts in cents |
 //! | [`config`] | reading the environment in one place |
 //! | [`shutdown`] | SIGINT/SIGTERM and bounded draining |
 
 pub mod client;
 pub mod config;
 pub mod correlation;
+pub mod db;
 pub mod deadline;
+pub mod events;
 pub mod health;
+pub mod inbox;
+pub mod messaging;
 pub mod metrics;
+pub mod money;
+pub mod outbox;
 pub mod problem;
 pub mod server;
 pub mod shutdown;
