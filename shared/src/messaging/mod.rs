@@ -18,8 +18,9 @@ use crate::health::CheckStatus;
 pub struct MessagingSettings {
     /// `AMQP_URL`, default `amqp://guest:guest@rabbitmq:5672/%2f`.
     pub amqp_url: String,
-    /// `EVENTS_EXCHANGE`, default `shop.events`; tests use their own name for isolation.
-    pub exchange: String,
+    /// `EVENTS_NAMESPACE`, default empty: a prefix for every exchange and queue name, so tests
+    /// (and several stacks on one broker) stay isolated.
+    pub namespace: String,
     /// Unacked deliveries per consumer (and thus handler concurrency).
     pub prefetch: u16,
     /// Delayed retries before a failing message goes to the DLQ.
@@ -33,7 +34,7 @@ pub struct MessagingSettings {
 }
 
 impl MessagingSettings {
-    /// Reads `AMQP_URL`, `EVENTS_EXCHANGE` and friends.
+    /// Reads `AMQP_URL`, `EVENTS_NAMESPACE` and friends.
     ///
     /// # Errors
     /// [`ConfigError`] for malformed values.
@@ -183,6 +184,13 @@ impl Broker {
     }
     /// A publisher on this connection.
     pub fn publisher(&self) -> Publisher {
+        todo!()
+    }
+    /// Deletes every exchange and queue this broker's topology declared (tests clean up with it).
+    ///
+    /// # Errors
+    /// [`PublishError::Broker`] if the broker cannot be reached.
+    pub async fn delete_topology(&self) -> Result<(), PublishError> {
         todo!()
     }
     /// Whether connected and topology declared.
