@@ -4,16 +4,22 @@
 //! environment and hands it to the service's `Settings::from_env`. Tests build an [`Env`] from pairs
 //! instead, so no test ever mutates the process environment (which is global and racy).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use url::Url;
 
 /// A snapshot of configuration variables.
+///
+/// It also remembers every key that was asked for, so a check can compare what a service reads
+/// with what a deployment (the compose file) sets: a misspelt variable is caught in CI, not in
+/// production.
 #[derive(Debug, Clone, Default)]
 pub struct Env {
     vars: HashMap<String, String>,
+    read: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// A configuration variable that is present but cannot be used.
@@ -33,6 +39,7 @@ impl Env {
     pub fn from_process() -> Self {
         Self {
             vars: std::env::vars().collect(),
+            read: Arc::default(),
         }
     }
 
@@ -48,15 +55,30 @@ impl Env {
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
+            read: Arc::default(),
         }
     }
 
     /// The raw value of `key`, if set and not empty.
     pub fn get(&self, key: &str) -> Option<&str> {
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned());
         self.vars
             .get(key)
             .map(String::as_str)
             .filter(|v| !v.trim().is_empty())
+    }
+
+    /// Every key looked up so far (by this value and its clones), sorted.
+    pub fn keys_read(&self) -> Vec<String> {
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The value of `key`, or `default` when unset.
@@ -134,6 +156,7 @@ mod tests {
         assert_eq!(env.string_or("MISSING", "x"), "x");
         assert_eq!(env.string_or("EMPTY", "y"), "y");
         assert_eq!(env.parse_or("MISSING", 7_u16).ok(), Some(7));
+        assert_eq!(env.keys_read(), ["EMPTY", "MISSING"]);
     }
 
     #[test]
