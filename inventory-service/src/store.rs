@@ -1,0 +1,556 @@
+//! Stock and reservations: the repository trait and its SQLite implementation.
+//!
+//! Every operation that reads and then writes runs in one `BEGIN IMMEDIATE` transaction: it takes
+//! SQLite's write lock up front, so two requests can never both read "enough stock" and both
+//! reserve, and a reader never has to upgrade to a writer mid-transaction (the upgrade is what
+//! fails with `SQLITE_BUSY` at once, bypassing the busy timeout).
+
+use futures::future::BoxFuture;
+use shared::events::EventLine;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{IdempotencyKey, Quantity, Reservation, ReservationStatus, Stock};
+
+/// The schema, applied in order by [`shared::db::connect`].
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "stock and reservations",
+        include_str!("../migrations/0001_stock_and_reservations.sql"),
+    ),
+    (
+        2,
+        "seed catalogue",
+        include_str!("../migrations/0002_seed_catalogue.sql"),
+    ),
+    (3, "consumer inbox", shared::inbox::MIGRATION),
+];
+
+/// Why a store operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No stock row for the SKU.
+    #[error("unknown sku {0}")]
+    UnknownSku(String),
+    /// Fewer units available than requested; nothing was reserved.
+    #[error("insufficient stock of {sku}: requested {requested}, available {available}")]
+    InsufficientStock {
+        /// Product.
+        sku: String,
+        /// Units asked for.
+        requested: u32,
+        /// Units that could have been reserved.
+        available: i64,
+    },
+    /// The idempotency key already names a reservation of a different SKU or quantity.
+    #[error("idempotency key reused for a different reservation")]
+    KeyReused,
+    /// No such reservation.
+    #[error("unknown reservation {0}")]
+    UnknownReservation(Uuid),
+    /// The reservation was committed by an order; only cancelling the order returns its stock.
+    #[error("reservation {0} is committed")]
+    Committed(Uuid),
+    /// An event line does not match the reservation it names.
+    #[error("event line does not match reservation {id}: {reason}")]
+    LineMismatch {
+        /// The reservation.
+        id: Uuid,
+        /// What differs.
+        reason: String,
+    },
+    /// A stock level that cannot be set.
+    #[error("{0}")]
+    InvalidLevel(String),
+    /// The database failed (busy, I/O, corrupt row).
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A reservation to make.
+#[derive(Debug, Clone)]
+pub struct ReserveStock {
+    /// Product.
+    pub sku: String,
+    /// Units.
+    pub qty: Quantity,
+    /// The order it is for, if the caller said.
+    pub order_id: Option<Uuid>,
+    /// Makes the call idempotent.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// When it was asked for.
+    pub now: OffsetDateTime,
+    /// When it expires unless committed.
+    pub expires_at: OffsetDateTime,
+}
+
+/// The answer to a reservation.
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    /// The reservation (made now, or the one the idempotency key named).
+    pub reservation: Reservation,
+    /// `true` when the key named an earlier reservation and nothing new was reserved.
+    pub replayed: bool,
+}
+
+/// What handling an order event did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The message ID was already in the inbox: nothing was done.
+    pub duplicate: bool,
+    /// Lines whose reservation changed state.
+    pub changed: usize,
+    /// Lines committed although their reservation had expired (units re-taken from on hand).
+    pub retaken: usize,
+    /// Lines left alone because their reservation was already in the target (or a final) state.
+    pub unchanged: usize,
+}
+
+/// Storage of stock levels and reservations.
+///
+/// Methods return boxed futures so the store can live behind `Arc<dyn InventoryStore>`.
+pub trait InventoryStore: Send + Sync + 'static {
+    /// Checks the database answers (readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Every SKU's stock, by SKU.
+    fn list_stock(&self) -> BoxFuture<'_, Result<Vec<Stock>, StoreError>>;
+    /// One SKU's stock, `None` if unknown.
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<Stock>, StoreError>>;
+    /// Sets `on_hand` (restock), creating the SKU if new.
+    fn set_on_hand<'a>(
+        &'a self,
+        sku: &'a str,
+        on_hand: i64,
+    ) -> BoxFuture<'a, Result<Stock, StoreError>>;
+    /// Reserves units atomically; with an idempotency key, at most once per key.
+    fn reserve(&self, request: ReserveStock) -> BoxFuture<'_, Result<Reserved, StoreError>>;
+    /// Releases a reservation (idempotent); returns its final status.
+    fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>>;
+    /// Expires every reservation still held past its time; returns how many.
+    fn expire_due(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// `order.placed`: commits each line's reservation, once per message ID.
+    fn commit_order(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>>;
+    /// `order.cancelled`: releases each line's units, once per message ID.
+    fn cancel_order(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>>;
+}
+
+/// [`InventoryStore`] on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteInventoryStore {
+    pool: SqlitePool,
+}
+
+impl SqliteInventoryStore {
+    /// A store over an opened, migrated pool.
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+fn millis(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_millis(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn corrupt(what: String) -> sqlx::Error {
+    sqlx::Error::Decode(what.into())
+}
+
+fn parse_uuid(raw: &str) -> Result<Uuid, sqlx::Error> {
+    Uuid::parse_str(raw).map_err(|e| corrupt(format!("stored id {raw:?}: {e}")))
+}
+
+fn stock_from_row(row: &SqliteRow) -> Result<Stock, sqlx::Error> {
+    Ok(Stock::new(
+        row.try_get::<String, _>("sku")?,
+        row.try_get("on_hand")?,
+        row.try_get("reserved")?,
+    ))
+}
+
+const RESERVATION_COLUMNS: &str =
+    "id, sku, qty, order_id, status, remaining_after, expires_at_ms FROM reservations";
+
+fn reservation_from_row(row: &SqliteRow) -> Result<Reservation, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let qty: i64 = row.try_get("qty")?;
+    let order_id: Option<String> = row.try_get("order_id")?;
+    Ok(Reservation {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        sku: row.try_get("sku")?,
+        qty: u32::try_from(qty).map_err(|_| corrupt(format!("stored qty {qty}")))?,
+        order_id: order_id.as_deref().map(parse_uuid).transpose()?,
+        status: ReservationStatus::parse(&status)
+            .ok_or_else(|| corrupt(format!("stored status {status:?}")))?,
+        remaining_after: row.try_get("remaining_after")?,
+        expires_at: from_millis(row.try_get("expires_at_ms")?),
+    })
+}
+
+async fn find_reservation(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+) -> Result<Option<Reservation>, sqlx::Error> {
+    sqlx::query(&format!("SELECT {RESERVATION_COLUMNS} WHERE id = ?"))
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await?
+        .as_ref()
+        .map(reservation_from_row)
+        .transpose()
+}
+
+async fn set_status(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    status: ReservationStatus,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE reservations SET status = ? WHERE id = ?")
+        .bind(status.as_str())
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Adds `reserved_delta` and `on_hand_delta` to a SKU's levels.
+async fn adjust_stock(
+    conn: &mut SqliteConnection,
+    sku: &str,
+    on_hand_delta: i64,
+    reserved_delta: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE stock SET on_hand = on_hand + ?, reserved = reserved + ? WHERE sku = ?")
+        .bind(on_hand_delta)
+        .bind(reserved_delta)
+        .bind(sku)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Loads the reservation an event line names and checks that the line describes it.
+async fn reservation_for_line(
+    conn: &mut SqliteConnection,
+    line: &EventLine,
+) -> Result<Reservation, StoreError> {
+    let reservation = find_reservation(conn, line.reservation_id)
+        .await?
+        .ok_or(StoreError::UnknownReservation(line.reservation_id))?;
+    if reservation.sku != line.sku || reservation.qty != line.qty {
+        return Err(StoreError::LineMismatch {
+            id: reservation.id,
+            reason: format!(
+                "line has {} × {}, reservation holds {} × {}",
+                line.qty, line.sku, reservation.qty, reservation.sku
+            ),
+        });
+    }
+    Ok(reservation)
+}
+
+impl InventoryStore for SqliteInventoryStore {
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+    }
+
+    fn list_stock(&self) -> BoxFuture<'_, Result<Vec<Stock>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT sku, on_hand, reserved FROM stock ORDER BY sku")
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows.iter().map(stock_from_row).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<Stock>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT sku, on_hand, reserved FROM stock WHERE sku = ?")
+                .bind(sku)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row.as_ref().map(stock_from_row).transpose()?)
+        })
+    }
+
+    fn set_on_hand<'a>(
+        &'a self,
+        sku: &'a str,
+        on_hand: i64,
+    ) -> BoxFuture<'a, Result<Stock, StoreError>> {
+        Box::pin(async move {
+            if on_hand < 0 {
+                return Err(StoreError::InvalidLevel(format!(
+                    "onHand must not be negative, got {on_hand}"
+                )));
+            }
+            let mut tx = self.begin_write().await?;
+            let reserved: i64 = sqlx::query("SELECT reserved FROM stock WHERE sku = ?")
+                .bind(sku)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get("reserved"))
+                .transpose()?
+                .unwrap_or(0);
+            if on_hand < reserved {
+                return Err(StoreError::InvalidLevel(format!(
+                    "onHand {on_hand} is below the {reserved} units currently reserved"
+                )));
+            }
+            sqlx::query(
+                "INSERT INTO stock (sku, on_hand, reserved) VALUES (?, ?, 0) \
+                 ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand",
+            )
+            .bind(sku)
+            .bind(on_hand)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Stock::new(sku, on_hand, reserved))
+        })
+    }
+
+    fn reserve(&self, request: ReserveStock) -> BoxFuture<'_, Result<Reserved, StoreError>> {
+        Box::pin(async move {
+            let qty = request.qty.get();
+            // One write transaction from the idempotency lookup to the insert: a concurrent
+            // request with the same key waits for the lock and then finds this reservation.
+            let mut tx = self.begin_write().await?;
+            if let Some(key) = &request.idempotency_key {
+                let earlier = sqlx::query(&format!(
+                    "SELECT {RESERVATION_COLUMNS} WHERE idempotency_key = ?"
+                ))
+                .bind(key.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = earlier {
+                    let reservation = reservation_from_row(&row)?;
+                    if reservation.sku != request.sku || reservation.qty != qty {
+                        return Err(StoreError::KeyReused);
+                    }
+                    return Ok(Reserved {
+                        reservation,
+                        replayed: true,
+                    });
+                }
+            }
+            let stock = sqlx::query("SELECT sku, on_hand, reserved FROM stock WHERE sku = ?")
+                .bind(&request.sku)
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(stock_from_row)
+                .transpose()?
+                .ok_or_else(|| StoreError::UnknownSku(request.sku.clone()))?;
+            if stock.available < i64::from(qty) {
+                return Err(StoreError::InsufficientStock {
+                    sku: request.sku,
+                    requested: qty,
+                    available: stock.available.max(0),
+                });
+            }
+            adjust_stock(&mut tx, &request.sku, 0, i64::from(qty)).await?;
+            let reservation = Reservation {
+                id: Uuid::new_v4(),
+                sku: request.sku,
+                qty,
+                order_id: request.order_id,
+                status: ReservationStatus::Reserved,
+                remaining_after: stock.available - i64::from(qty),
+                expires_at: request.expires_at,
+            };
+            sqlx::query(
+                "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
+                 remaining_after, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(reservation.id.to_string())
+            .bind(&reservation.sku)
+            .bind(i64::from(qty))
+            .bind(reservation.order_id.map(|id| id.to_string()))
+            .bind(request.idempotency_key.as_ref().map(IdempotencyKey::as_str))
+            .bind(reservation.status.as_str())
+            .bind(reservation.remaining_after)
+            .bind(millis(request.now))
+            .bind(millis(reservation.expires_at))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Reserved {
+                reservation,
+                replayed: false,
+            })
+        })
+    }
+
+    fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.begin_write().await?;
+            let reservation = find_reservation(&mut tx, id)
+                .await?
+                .ok_or(StoreError::UnknownReservation(id))?;
+            match reservation.status {
+                ReservationStatus::Committed => Err(StoreError::Committed(id)),
+                // Already given back (by an earlier release, a cancel or the sweeper).
+                status @ (ReservationStatus::Released | ReservationStatus::Expired) => Ok(status),
+                ReservationStatus::Reserved => {
+                    adjust_stock(&mut tx, &reservation.sku, 0, -i64::from(reservation.qty)).await?;
+                    set_status(&mut tx, id, ReservationStatus::Released).await?;
+                    tx.commit().await?;
+                    Ok(ReservationStatus::Released)
+                }
+            }
+        })
+    }
+
+    fn expire_due(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let now = millis(now);
+            let mut tx = self.begin_write().await?;
+            // Set-based: give each SKU back the sum of its due reservations, then mark them, in
+            // one transaction so the two statements see the same set.
+            sqlx::query(
+                "UPDATE stock SET reserved = reserved - ( \
+                     SELECT COALESCE(SUM(qty), 0) FROM reservations r \
+                     WHERE r.sku = stock.sku AND r.status = 'reserved' AND r.expires_at_ms <= ?1) \
+                 WHERE sku IN (SELECT sku FROM reservations \
+                               WHERE status = 'reserved' AND expires_at_ms <= ?1)",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let expired = sqlx::query(
+                "UPDATE reservations SET status = 'expired' \
+                 WHERE status = 'reserved' AND expires_at_ms <= ?",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(expired)
+        })
+    }
+
+    fn commit_order(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.begin_write().await?;
+            if !shared::inbox::record(&mut tx, message_id).await? {
+                return Ok(Applied {
+                    duplicate: true,
+                    ..Applied::default()
+                });
+            }
+            let mut applied = Applied::default();
+            for line in &lines {
+                let reservation = reservation_for_line(&mut tx, line).await?;
+                let qty = i64::from(reservation.qty);
+                match reservation.status {
+                    ReservationStatus::Reserved => {
+                        adjust_stock(&mut tx, &reservation.sku, -qty, -qty).await?;
+                        applied.changed += 1;
+                    }
+                    ReservationStatus::Expired => {
+                        // The order was accepted while the reservation lapsed (a slow publish,
+                        // a broker outage): the customer was promised the units, so take them
+                        // from on hand again rather than lose the order.
+                        tracing::warn!(
+                            reservation_id = %reservation.id,
+                            sku = reservation.sku,
+                            qty,
+                            "committing an expired reservation: units re-taken from stock"
+                        );
+                        adjust_stock(&mut tx, &reservation.sku, -qty, 0).await?;
+                        applied.changed += 1;
+                        applied.retaken += 1;
+                    }
+                    ReservationStatus::Committed => {
+                        applied.unchanged += 1;
+                        continue;
+                    }
+                    ReservationStatus::Released => {
+                        // Released explicitly (the order's cancel overtook its placement): the
+                        // units were given back on purpose, so placing must not take them again.
+                        tracing::warn!(
+                            reservation_id = %reservation.id,
+                            sku = reservation.sku,
+                            "order placed for a released reservation: left released"
+                        );
+                        applied.unchanged += 1;
+                        continue;
+                    }
+                }
+                set_status(&mut tx, reservation.id, ReservationStatus::Committed).await?;
+            }
+            tx.commit().await?;
+            Ok(applied)
+        })
+    }
+
+    fn cancel_order(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>> {
+        Box::pin(async move {
+            let mut tx = self.begin_write().await?;
+            if !shared::inbox::record(&mut tx, message_id).await? {
+                return Ok(Applied {
+                    duplicate: true,
+                    ..Applied::default()
+                });
+            }
+            let mut applied = Applied::default();
+            for line in &lines {
+                let reservation = reservation_for_line(&mut tx, line).await?;
+                let qty = i64::from(reservation.qty);
+                match reservation.status {
+                    ReservationStatus::Reserved => {
+                        adjust_stock(&mut tx, &reservation.sku, 0, -qty).await?;
+                    }
+                    ReservationStatus::Committed => {
+                        adjust_stock(&mut tx, &reservation.sku, qty, 0).await?;
+                    }
+                    ReservationStatus::Released | ReservationStatus::Expired => {
+                        applied.unchanged += 1;
+                        continue;
+                    }
+                }
+                set_status(&mut tx, reservation.id, ReservationStatus::Released).await?;
+                applied.changed += 1;
+            }
+            tx.commit().await?;
+            Ok(applied)
+        })
+    }
+}
