@@ -1,0 +1,626 @@
+#!/usr/bin/env python3
+"""Checks that docker-compose.yml agrees with the Dockerfile and with the four service binaries.
+
+A compose file is configuration nobody compiles: a misspelt variable, a URL with the wrong port or a
+health check on the wrong path only shows up when someone runs `docker compose up`. CI has no Docker
+engine, so this script checks it two ways:
+
+Static (always):
+  * the file parses; every application service is built from ./Dockerfile with a `--target` that is
+    a stage of it, and that stage EXPOSEs the service's port and runs the binary of that name;
+  * each application service has a health check that GETs /healthz on its own port (with a tool the
+    runtime image installs), and `restart: unless-stopped`;
+  * `depends_on` names existing services with valid conditions, `service_healthy` only on services
+    that have a health check, no cycles; a service waits (healthy) for every service its URLs name
+    and, when it has an AMQP_URL, for rabbitmq;
+  * every URL in an environment names a compose service and the port that service listens on
+    (its PORT, or the binary's default); comma-separated lists are checked entry by entry;
+  * every variable set for a service is a name the service's code (its crate or `shared`) mentions,
+    so a typo such as AMQP_ULR fails here instead of silently falling back to a default;
+  * SQLite files live on a named volume of their own; only gateway and rabbitmq publish ports.
+
+Runtime (unless --static-only): "every variable a service reads is set or has a default that works
+under compose" cannot be read off the source, so it is proven by running: the four release binaries
+are started with exactly the environment compose gives them (interpolated from this process's
+environment like compose does), in the order `depends_on` allows, with two rewrites only: SQLite
+paths under /app move to a temporary directory, and, when `rabbitmqctl` can be used, AMQP_URL's
+virtual host becomes a throw-away one (host and port stay as written) so the run shares nothing
+with other users of the broker and leaves nothing behind. The compose DNS names must resolve to
+loopback (.ci/run adds them to /etc/hosts). The check waits for every /healthz and /readyz, places
+an order through the gateway on its published port, reads it back, waits for pricing to count the
+units sold (so the event went through RabbitMQ), then stops everything with SIGTERM, as
+`docker compose stop` would, and expects each to exit 0 within compose's 10 s grace period.
+
+Parsing uses PyYAML's safe_load (which also resolves the `<<:` merge keys the file uses); it ships
+with the development machines' Python and .ci/run installs it with pip when it is missing. A
+hand-written YAML subset parser would be one more thing to trust.
+
+Usage: python3 scripts/compose-check.py [--static-only] [--profile release|debug] [--keep] [--compose FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - depends on the machine
+    sys.exit("compose-check: PyYAML is missing: python3 -m pip install pyyaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+BROKER = "rabbitmq"
+AMQP_PORT = 5672
+MANAGEMENT_PORT = 15672
+PUBLIC_SERVICE = "gateway"
+# The ports the binaries listen on when PORT is unset (the environment contract in the design).
+DEFAULT_PORTS = {"gateway": 8080, "order-service": 4001, "inventory-service": 4002, "pricing-service": 4003}
+VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+# Runtime budgets. Startup includes SQLite migrations and seeding; readiness includes the AMQP
+# connection and topology declaration; both take well under a second here, the margin is for a
+# loaded 2-core CI machine. The event budget covers outbox relay + broker + consumer.
+HEALTHY_WITHIN_S = 30.0
+READY_WITHIN_S = 60.0
+EVENT_WITHIN_S = 30.0
+# `docker compose stop` sends SIGTERM and kills after 10 s: a service must drain within that.
+STOP_GRACE_S = 10.0
+HTTP_TIMEOUT_S = 5.0
+
+
+class CheckFailed(Exception):
+    """A disagreement between compose, the Dockerfile and the binaries."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the files
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR and $$."""
+
+    def substitute(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group("braced") or m.group("bare")
+        op, default = m.group("op"), m.group("default") or ""
+        current = env.get(name)
+        if op == ":-" and not current:
+            return default
+        if op == "-" and current is None:
+            return default
+        return current or ""
+
+    pattern = r"\$\$|\$\{(?P<braced>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$(?P<bare>\w+)"
+    return re.sub(pattern, substitute, value)
+
+
+def environment_of(service: dict, host_env: dict[str, str]) -> dict[str, str]:
+    """A service's environment as compose would hand it to the container."""
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        pairs = {}
+        for item in raw:
+            key, sep, val = str(item).partition("=")
+            # `- KEY` without a value passes the host's value through, as compose does.
+            pairs[key] = val if sep else host_env.get(key, "")
+        raw = pairs
+    return {str(k): interpolate("" if v is None else str(v), host_env) for k, v in raw.items()}
+
+
+@dataclass
+class Stage:
+    name: str
+    lines: list[str] = field(default_factory=list)
+
+    def exposed_ports(self) -> set[int]:
+        ports: set[int] = set()
+        for line in self.lines:
+            if line.upper().startswith("EXPOSE "):
+                ports.update(int(p.split("/")[0]) for p in line.split()[1:])
+        return ports
+
+    def entrypoint(self) -> list[str]:
+        for line in self.lines:
+            if line.upper().startswith("ENTRYPOINT "):
+                return json.loads(line.split(None, 1)[1])
+        return []
+
+
+def dockerfile_stages(text: str) -> dict[str, Stage]:
+    """The named stages of a Dockerfile, with their instructions (continuations joined)."""
+    joined = re.sub(r"\\\n", " ", text)
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for raw in joined.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if m:
+            current = Stage(m.group(1) or "")
+            if current.name:
+                stages[current.name] = current
+            continue
+        if current is not None:
+            current.lines.append(line)
+    return stages
+
+
+def names_in_code(crate_dir: Path) -> set[str]:
+    """UPPER_SNAKE string literals in a crate's and shared's sources: the variables code can read."""
+    names: set[str] = set()
+    for src in (crate_dir / "src", ROOT / "shared" / "src"):
+        for path in src.rglob("*.rs"):
+            names.update(re.findall(r'"([A-Z][A-Z0-9_]+)"', path.read_text(encoding="utf-8")))
+    return names
+
+
+def crate_dir_of(package: str) -> Path:
+    """The workspace member whose package is `package`."""
+    for manifest in ROOT.glob("*/Cargo.toml"):
+        if re.search(rf'^name\s*=\s*"{re.escape(package)}"', manifest.read_text(), re.MULTILINE):
+            return manifest.parent
+    raise CheckFailed(f"no workspace member is the package {package!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The static checks
+
+
+@dataclass
+class AppService:
+    name: str
+    binary: str
+    port: int
+    env: dict[str, str]
+    depends_on: dict[str, str]
+
+
+class Report:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failures: list[str] = []
+
+    def check(self, ok: bool, what: str) -> bool:
+        if ok:
+            self.passed += 1
+        else:
+            self.failures.append(what)
+            print(f"  FAIL {what}")
+        return ok
+
+
+def url_targets(value: str) -> list[urllib.parse.SplitResult]:
+    """The URLs in a variable's value (a comma-separated list is allowed)."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    urls = [urllib.parse.urlsplit(p) for p in parts]
+    if urls and all(u.scheme and u.hostname for u in urls):
+        return urls
+    return []
+
+
+def normalise_depends_on(raw) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        return {str(name): "service_started" for name in raw}
+    return {str(name): (spec or {}).get("condition", "service_started") for name, spec in raw.items()}
+
+
+def static_checks(compose: dict, dockerfile: str, host_env: dict[str, str], report: Report) -> dict[str, AppService]:
+    services: dict = compose.get("services") or {}
+    stages = dockerfile_stages(dockerfile)
+    check = report.check
+
+    check(BROKER in services, f"a `{BROKER}` service exists")
+    check(PUBLIC_SERVICE in services, f"a `{PUBLIC_SERVICE}` service exists")
+    broker = services.get(BROKER, {})
+    broker_test = " ".join(map(str, (broker.get("healthcheck") or {}).get("test", [])))
+    check("rabbitmq-diagnostics" in broker_test, "rabbitmq has a rabbitmq-diagnostics health check")
+
+    apps: dict[str, AppService] = {}
+    for name, svc in services.items():
+        if "build" not in svc:
+            check("image" in svc, f"{name}: has an image or a build")
+            continue
+        build = svc["build"] if isinstance(svc["build"], dict) else {"context": svc["build"]}
+        target = build.get("target")
+        if not check(bool(target), f"{name}: build names a Dockerfile target"):
+            continue
+        check(build.get("context", ".") in (".", "./"), f"{name}: builds from the repository root")
+        check(build.get("dockerfile", "Dockerfile") == "Dockerfile", f"{name}: builds from ./Dockerfile")
+        env = environment_of(svc, host_env)
+        try:
+            port = int(env.get("PORT") or DEFAULT_PORTS[target])
+        except (KeyError, ValueError):
+            check(False, f"{name}: PORT is a number or {target} has a known default")
+            continue
+        apps[name] = AppService(name, target, port, env, normalise_depends_on(svc.get("depends_on")))
+
+        stage = stages.get(target)
+        if check(stage is not None, f"{name}: Dockerfile has a stage `{target}`"):
+            check(port in stage.exposed_ports(), f"{name}: stage `{target}` EXPOSEs {port}")
+            entry = stage.entrypoint()
+            check(bool(entry) and Path(entry[0]).name == target, f"{name}: stage `{target}` runs the `{target}` binary")
+
+        hc = svc.get("healthcheck") or {}
+        test = [str(t) for t in hc.get("test", [])]
+        urls = [urllib.parse.urlsplit(t) for t in test if t.startswith("http")]
+        ok = len(urls) == 1 and urls[0].path == "/healthz" and urls[0].port == port
+        ok = ok and urls[0].hostname in ("127.0.0.1", "localhost")
+        check(ok, f"{name}: health check GETs http://127.0.0.1:{port}/healthz (has {test})")
+        if len(test) > 1 and test[0] == "CMD":
+            tool = test[1]
+            installed = re.search(rf"apt-get install[^\n]*\b{re.escape(tool)}\b", re.sub(r"\\\n", " ", dockerfile))
+            check(bool(installed), f"{name}: the runtime image installs `{tool}`, which the health check runs")
+        check(svc.get("restart") == "unless-stopped", f"{name}: restart: unless-stopped")
+
+        # Volumes: the SQLite file must live on a named volume, so it survives re-creation.
+        db = env.get("DATABASE_URL", "")
+        if db.startswith("sqlite://"):
+            path = db[len("sqlite://"):].split("?")[0]
+            path = path if path.startswith("/") else "/app/" + path  # relative to WORKDIR /app
+            mounts = [str(v).split(":") for v in svc.get("volumes", [])]
+            named = [m for m in mounts if len(m) >= 2 and m[0] in (compose.get("volumes") or {})]
+            check(
+                any(path.startswith(m[1].rstrip("/") + "/") for m in named),
+                f"{name}: DATABASE_URL {db} lies on a declared named volume",
+            )
+
+    # Only the gateway and RabbitMQ's management UI reach the host.
+    for name, svc in services.items():
+        published = [str(p) for p in svc.get("ports", [])]
+        container_ports = {int(p.split(":")[-1].split("/")[0]) for p in published}
+        if name == PUBLIC_SERVICE and name in apps:
+            check(container_ports == {apps[name].port}, f"{name}: publishes exactly its port {apps[name].port}")
+        elif name == BROKER:
+            check(container_ports <= {MANAGEMENT_PORT}, f"{name}: publishes only the management UI")
+        else:
+            check(not published, f"{name}: publishes no port (only {PUBLIC_SERVICE} and {BROKER} may)")
+
+    # depends_on is well-formed and acyclic.
+    for name, svc in services.items():
+        for dep, cond in normalise_depends_on(svc.get("depends_on")).items():
+            check(dep in services, f"{name}: depends_on {dep}, which exists")
+            check(cond in VALID_CONDITIONS, f"{name}: depends_on {dep} with a valid condition ({cond})")
+            if cond == "service_healthy" and dep in services:
+                check("healthcheck" in services[dep], f"{name}: waits for {dep} to be healthy, which has a health check")
+    try:
+        start_order(services)
+    except CheckFailed as e:
+        check(False, str(e))
+
+    # URLs name services and their ports; a service waits for what it calls.
+    for app in apps.values():
+        known = names_in_code(crate_dir_of(app.binary))
+        for key, value in app.env.items():
+            check(key in known, f"{app.name}: {key} is read by the code of {app.binary} or shared (typo?)")
+            for url in url_targets(value):
+                host, port = url.hostname, url.port
+                if url.scheme == "amqp":
+                    check(host == BROKER and port == AMQP_PORT, f"{app.name}: {key} points at {BROKER}:{AMQP_PORT}")
+                    check(app.depends_on.get(BROKER) == "service_healthy", f"{app.name}: waits for {BROKER} to be healthy")
+                elif url.scheme in ("http", "https"):
+                    if not check(host in apps, f"{app.name}: {key} host `{host}` is a compose application service"):
+                        continue
+                    check(port == apps[host].port, f"{app.name}: {key} uses port {port}, {host} listens on {apps[host].port}")
+                    check(app.depends_on.get(host) == "service_healthy", f"{app.name}: waits for {host} ({key}) to be healthy")
+    return apps
+
+
+def start_order(services: dict) -> list[str]:
+    """Services in an order that respects depends_on (what compose does); fails on a cycle."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise CheckFailed(f"depends_on has a cycle: {' -> '.join(path + [name])}")
+        visiting.add(name)
+        for dep in normalise_depends_on((services.get(name) or {}).get("depends_on")):
+            if dep in services:
+                visit(dep, path + [name])
+        visiting.discard(name)
+        order.append(name)
+
+    for name in services:
+        visit(name, [])
+    return order
+
+
+# --------------------------------------------------------------------------------------------------
+# The runtime check
+
+
+def http(method: str, url: str, body: dict | None = None, headers: dict[str, str] | None = None):
+    """(status, headers, parsed JSON or text); never raises for an HTTP status."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            status, hdrs, raw = resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as e:
+        status, hdrs, raw = e.code, e.headers, e.read()
+    try:
+        return status, hdrs, json.loads(raw) if raw else None
+    except ValueError:
+        return status, hdrs, raw.decode(errors="replace")
+
+
+def eventually(what: str, within_s: float, probe, procs: dict[str, "Running"] | None = None):
+    """Polls `probe` until it returns something truthy; bounded, and fails early if a service died."""
+    deadline = time.monotonic() + within_s
+    last = None
+    while True:
+        for run in (procs or {}).values():
+            if run.proc.poll() is not None:
+                raise CheckFailed(f"{run.name} exited with {run.proc.returncode} while waiting for {what}")
+        try:
+            result = probe()
+            if result:
+                return result
+            last = result
+        except (OSError, urllib.error.URLError) as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"{what}: not within {within_s:.0f}s (last: {last!r})")
+        time.sleep(0.2)  # poll interval, not synchronisation: the loop above is the bound
+
+
+@dataclass
+class Running:
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+
+class Broker:
+    """A throw-away RabbitMQ virtual host when rabbitmqctl is usable, else the URL as written."""
+
+    def __init__(self) -> None:
+        self.vhost: str | None = None
+
+    def __enter__(self) -> "Broker":
+        if shutil.which("rabbitmqctl") is None:
+            print("  note: rabbitmqctl not found: the services use AMQP_URL's virtual host as written")
+            return self
+        vhost = f"compose-check-{uuid.uuid4().hex[:12]}"
+        try:
+            self._ctl("add_vhost", vhost)
+            self.vhost = vhost
+            self._ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+            print(f"  using the throw-away virtual host {vhost}")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            print(f"  note: cannot create a virtual host ({e}): using AMQP_URL as written")
+            self.__exit__(None, None, None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.vhost:
+            try:
+                self._ctl("delete_vhost", self.vhost)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+                print(f"  warning: could not delete virtual host {self.vhost}: {e}")
+            self.vhost = None
+
+    @staticmethod
+    def _ctl(*args: str) -> None:
+        # rabbitmqctl boots an Erlang VM per call (1-3 s); 60 s only guards against a wedged node.
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+    def rewrite(self, amqp_url: str) -> str:
+        if not self.vhost:
+            return amqp_url
+        u = urllib.parse.urlsplit(amqp_url)
+        return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + urllib.parse.quote(self.vhost, safe=""), u.query, ""))
+
+
+def runtime_check(compose: dict, apps: dict[str, AppService], profile: str, keep: bool, report: Report) -> None:
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    for app in apps.values():
+        binary = target_dir / profile / app.binary
+        if not binary.is_file():
+            raise CheckFailed(f"{binary} is missing: run `cargo build --{profile}` first" if profile == "release"
+                              else f"{binary} is missing: run `cargo build` first")
+
+    # The compose DNS names must reach this machine, as they reach the containers under compose.
+    hosts = {BROKER} | {u.hostname for a in apps.values() for v in a.env.values() for u in url_targets(v)}
+    for host in sorted(h for h in hosts if h):
+        try:
+            addr = socket.gethostbyname(host)
+        except OSError:
+            addr = None
+        if not (addr or "").startswith("127."):
+            raise CheckFailed(
+                f"`{host}` resolves to {addr}, not loopback: add `127.0.0.1 {' '.join(sorted(hosts))}` to /etc/hosts"
+            )
+    for app in apps.values():
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", app.port)) == 0:
+                raise CheckFailed(f"port {app.port} ({app.name}) is already in use: stop whatever listens there")
+
+    work = Path(tempfile.mkdtemp(prefix="compose-check-"))
+    running: dict[str, Running] = {}
+    ok = False
+    try:
+        with Broker() as broker:
+            for name in start_order(compose["services"]):
+                if name not in apps:
+                    continue
+                app = apps[name]
+                for dep, cond in app.depends_on.items():
+                    if cond == "service_healthy" and dep in running:
+                        wait_healthy(running[dep], running)
+                running[name] = start(app, work, profile, target_dir, broker)
+            for run in running.values():
+                wait_healthy(run, running)
+            report.check(True, "every service answers /healthz")
+            for run in running.values():
+                eventually(f"{run.name} /readyz is 200", READY_WITHIN_S,
+                           lambda r=run: http("GET", f"http://127.0.0.1:{r.port}/readyz")[0] == 200, running)
+            report.check(True, "every service is ready (/readyz 200)")
+            place_and_read_order(apps[PUBLIC_SERVICE], running, work, report)
+            stop_all(running, report)
+            ok = True
+    finally:
+        for run in running.values():
+            if run.proc.poll() is None:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+                run.proc.wait()
+        if not ok:
+            for run in running.values():
+                print(f"  --- last lines of {run.name}'s log ({run.log}) ---")
+                print("\n".join(run.log.read_text(errors="replace").splitlines()[-25:]))
+        if ok and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"  logs and databases kept in {work}")
+
+
+def start(app: AppService, work: Path, profile: str, target_dir: Path, broker: Broker) -> Running:
+    cwd = work / app.name
+    (cwd / "data").mkdir(parents=True)
+    env = dict(app.env)
+    db = env.get("DATABASE_URL", "")
+    if db.startswith("sqlite:///app/"):
+        # The container's WORKDIR /app becomes this service's scratch directory.
+        env["DATABASE_URL"] = "sqlite://" + str(cwd) + "/" + db[len("sqlite:///app/"):]
+    if "AMQP_URL" in env:
+        env["AMQP_URL"] = broker.rewrite(env["AMQP_URL"])
+    log = work / f"{app.name}.log"
+    proc = subprocess.Popen(
+        [str(target_dir / profile / app.binary)],
+        cwd=cwd,
+        env=env,  # exactly compose's environment: nothing inherited from this process
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so cleanup can never miss a child
+    )
+    print(f"  started {app.name} ({app.binary}, pid {proc.pid}, port {app.port})")
+    return Running(app.name, app.port, proc, log)
+
+
+def wait_healthy(run: Running, procs: dict[str, Running]) -> None:
+    eventually(f"{run.name} /healthz is 200", HEALTHY_WITHIN_S,
+               lambda: http("GET", f"http://127.0.0.1:{run.port}/healthz")[0] == 200, procs)
+
+
+def place_and_read_order(gateway: AppService, running: dict[str, Running], work: Path, report: Report) -> None:
+    base = f"http://127.0.0.1:{gateway.port}"
+    sku, qty = "BK-12", 2
+    status, _, price = http("GET", f"{base}/api/prices/{sku}")
+    if not report.check(status == 200 and isinstance(price, dict), f"GET /api/prices/{sku} is 200 (got {status}: {price})"):
+        return
+    sold_before = price.get("unitsSold", 0)
+
+    correlation = f"compose-check-{uuid.uuid4().hex[:8]}"
+    status, headers, order = http("POST", f"{base}/api/orders", {"items": [{"sku": sku, "qty": qty}]},
+                                  {"x-correlation-id": correlation})
+    if not report.check(status == 201 and isinstance(order, dict), f"POST /api/orders is 201 (got {status}: {order})"):
+        return
+    order_id = order.get("id")
+    location = headers.get("location", "")
+    report.check(location == f"/api/orders/{order_id}", f"Location is /api/orders/{order_id} (got {location!r})")
+    report.check(headers.get("x-correlation-id") == correlation, "the gateway echoes the correlation ID")
+
+    status, _, again = http("GET", f"{base}/api/orders/{order_id}")
+    report.check(
+        status == 200 and isinstance(again, dict) and again.get("id") == order_id and again.get("status") == "placed",
+        f"GET /api/orders/{order_id} reads the placed order back (got {status}: {again})",
+    )
+
+    # order.placed: order's outbox relay -> RabbitMQ -> pricing's consumer counts the units sold.
+    def counted():
+        status, _, now = http("GET", f"{base}/api/prices/{sku}")
+        return status == 200 and isinstance(now, dict) and now.get("unitsSold", 0) >= sold_before + qty
+
+    try:
+        eventually("pricing counts the units of order.placed", EVENT_WITHIN_S, counted, running)
+        report.check(True, "order.placed travelled through RabbitMQ to pricing")
+    except CheckFailed as e:
+        report.check(False, str(e))
+
+    seen = [r.name for r in running.values() if correlation in r.log.read_text(errors="replace")]
+    print(f"  correlation ID {correlation} appears in the logs of: {', '.join(seen) or 'none'}")
+
+
+def stop_all(running: dict[str, Running], report: Report) -> None:
+    # Dependents first, as compose stops them.
+    for run in reversed(list(running.values())):
+        run.proc.send_signal(signal.SIGTERM)
+        try:
+            code = run.proc.wait(timeout=STOP_GRACE_S)
+            report.check(code == 0, f"{run.name} exits 0 on SIGTERM (got {code})")
+        except subprocess.TimeoutExpired:
+            report.check(False, f"{run.name} stops within {STOP_GRACE_S:.0f}s of SIGTERM")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--static-only", action="store_true", help="skip starting the binaries")
+    parser.add_argument("--profile", default="release", choices=["release", "debug"], help="which build to run")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary logs and databases")
+    parser.add_argument("--compose", type=Path, default=COMPOSE_FILE, help="the compose file to check")
+    args = parser.parse_args()
+
+    report = Report()
+    host_env = dict(os.environ)
+    try:
+        compose = yaml.safe_load(args.compose.read_text())
+        print("compose-check: static agreement of docker-compose.yml, Dockerfile and code")
+        apps = static_checks(compose, DOCKERFILE.read_text(), host_env, report)
+        if report.failures:
+            raise CheckFailed("static checks failed")
+        print(f"  {report.passed} static checks hold")
+        if not args.static_only:
+            print("compose-check: the binaries under compose's environment")
+            runtime_check(compose, apps, args.profile, args.keep, report)
+    except CheckFailed as e:
+        if str(e) not in report.failures:
+            report.failures.append(str(e))
+        print(f"compose-check: FAILED: {e}")
+        for failure in report.failures:
+            print(f"  - {failure}")
+        return 1
+    except yaml.YAMLError as e:
+        print(f"compose-check: FAILED: docker-compose.yml does not parse: {e}")
+        return 1
+    if report.failures:
+        print(f"compose-check: FAILED ({len(report.failures)} of {report.passed + len(report.failures)} checks)")
+        for failure in report.failures:
+            print(f"  - {failure}")
+        return 1
+    print(f"compose-check: OK, {report.passed} checks hold")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
