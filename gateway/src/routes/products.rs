@@ -1,0 +1,126 @@
+//! `/api/products/{sku}`: price and availability fetched in parallel and merged.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use shared::client::{ClientError, ClientRequest};
+use shared::money::Money;
+
+use crate::error::ApiError;
+use crate::forward::segment;
+use crate::state::AppState;
+
+/// The part of pricing's answer a product shows.
+#[derive(Debug, Deserialize)]
+struct Price {
+    name: String,
+    price: Money,
+    currency: String,
+}
+
+/// The part of inventory's answer a product shows.
+#[derive(Debug, Deserialize)]
+struct Stock {
+    available: i64,
+}
+
+/// A product as the public API shows it: what each side knows, and which side is missing.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    sku: String,
+    name: Option<String>,
+    price: Option<Money>,
+    currency: Option<String>,
+    available: Option<i64>,
+    missing: Vec<&'static str>,
+}
+
+/// `GET /api/products/{sku}` → pricing `GET /prices/{sku}` and inventory `GET /stock/{sku}` at once.
+///
+/// Both calls run concurrently, so the answer takes as long as the slower one, not the sum. When
+/// one side fails (down, timed out, breaker open, or it does not know the sku) the product is
+/// still answered with what the other side knows and `missing` names the gap: a shop page can
+/// show a price with "availability unknown" rather than an error. Only when both fail is the
+/// answer an error: `404` if neither knows the sku, otherwise the worse upstream failure.
+pub async fn get_product(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Json<Product>, ApiError> {
+    let encoded = segment(&sku)?;
+    let (price, stock) = tokio::join!(
+        async {
+            let response = state
+                .pricing
+                .send(ClientRequest::get(format!("/prices/{encoded}")))
+                .await?;
+            response.json::<Price>()
+        },
+        async {
+            let response = state
+                .inventory
+                .send(ClientRequest::get(format!("/stock/{encoded}")))
+                .await?;
+            response.json::<Stock>()
+        },
+    );
+    let mut product = Product {
+        sku,
+        name: None,
+        price: None,
+        currency: None,
+        available: None,
+        missing: Vec::new(),
+    };
+    match (price, stock) {
+        (Err(price_error), Err(stock_error)) => {
+            return Err(both_failed(product.sku, price_error, stock_error));
+        }
+        (price, stock) => {
+            match price {
+                Ok(price) => {
+                    product.name = Some(price.name);
+                    product.price = Some(price.price);
+                    product.currency = Some(price.currency);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "answering the product without its price");
+                    product.missing.push("price");
+                }
+            }
+            match stock {
+                Ok(stock) => product.available = Some(stock.available),
+                Err(error) => {
+                    tracing::warn!(%error, "answering the product without its availability");
+                    product.missing.push("availability");
+                }
+            }
+        }
+    }
+    Ok(Json(product))
+}
+
+/// The error to answer when neither side could say anything about `sku`.
+fn both_failed(sku: String, price: ClientError, stock: ClientError) -> ApiError {
+    let not_found = |e: &ClientError| e.status() == Some(http::StatusCode::NOT_FOUND);
+    if not_found(&price) && not_found(&stock) {
+        return ApiError::ProductNotFound { sku };
+    }
+    tracing::warn!(price_error = %price, stock_error = %stock, "product unavailable: both sides failed");
+    if severity(&stock) > severity(&price) {
+        ApiError::Upstream(stock)
+    } else {
+        ApiError::Upstream(price)
+    }
+}
+
+/// Orders failures so the worse one is answered. A refusal (4xx: the request itself is the
+/// problem) ranks below any failure of a dependency, and among failures a higher status ranks
+/// higher: a `504` means work may still be running somewhere, which a client must treat more
+/// carefully than a `503` (nothing happened, come back later) or a `502` (a bad answer).
+fn severity(error: &ClientError) -> u16 {
+    match error.status() {
+        Some(status) if status.is_client_error() => 0,
+        _ => error.to_problem().status,
+    }
+}
