@@ -1,47 +1,39 @@
-//! Asynchronous events over RabbitMQ (lapin 4 on tokio).
+//! Asynchronous events over RabbitMQ (lapin 4 on tokio): one supervised connection per process,
+//! confirmed publishing, acknowledged consuming with delayed retries and dead letters.
 //!
-//! API SKELETON — bodies are being implemented (see the messaging task). Signatures are the contract.
+//! | file | what it holds |
+//! |---|---|
+//! | [`settings`] | [`MessagingSettings`] from the environment, each default explained |
+//! | [`topology`] | every exchange, queue and binding, declared in one idempotent function |
+//! | [`envelope`] | the JSON envelope and the AMQP properties and headers mirroring it |
+//! | `broker` | [`Broker`]: the supervisor that connects, declares, runs and rebuilds everything |
+//! | `publisher` | [`Publisher`]: `mandatory`, persistent publishes that count only when confirmed |
+//! | `consumer` | manual acks, bounded prefetch, retry through the retry queue, then the DLQ |
+//! | [`dlq`] | listing and redriving dead letters (also the `dlq` command-line tool) |
+//!
+//! Delivery is at least once: a message may arrive twice (a lost ack, a redrive, a relay that
+//! re-sends after a failed confirm), so consumers deduplicate by [`IncomingMessage::message_id`]
+//! in their [`inbox`](crate::inbox), inside the transaction that applies the effect.
+
+mod broker;
+mod consumer;
+pub mod dlq;
+pub mod envelope;
+mod publisher;
+pub mod settings;
+pub mod topology;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::{ConfigError, Env};
 use crate::events::Event;
-use crate::health::CheckStatus;
 
-/// Broker settings, read from the environment.
-#[derive(Debug, Clone)]
-pub struct MessagingSettings {
-    /// `AMQP_URL`, default `amqp://guest:guest@rabbitmq:5672/%2f`.
-    pub amqp_url: String,
-    /// `EVENTS_NAMESPACE`, default empty: a prefix for every exchange and queue name, so tests
-    /// (and several stacks on one broker) stay isolated.
-    pub namespace: String,
-    /// Unacked deliveries per consumer (and thus handler concurrency).
-    pub prefetch: u16,
-    /// Delayed retries before a failing message goes to the DLQ.
-    pub max_retries: u32,
-    /// Delay of one retry (the retry queue's TTL).
-    pub retry_delay: Duration,
-    /// Publishes awaiting their confirm at once.
-    pub publish_window: usize,
-    /// Timeout of every broker operation.
-    pub operation_timeout: Duration,
-}
-
-impl MessagingSettings {
-    /// Reads `AMQP_URL`, `EVENTS_NAMESPACE` and friends.
-    ///
-    /// # Errors
-    /// [`ConfigError`] for malformed values.
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        todo!()
-    }
-}
+pub use broker::Broker;
+pub use publisher::Publisher;
+pub use settings::MessagingSettings;
+pub use topology::Topology;
 
 /// A message as handed to a [`Handler`].
 #[derive(Debug, Clone)]
@@ -62,9 +54,27 @@ impl IncomingMessage {
     /// Decodes the payload as `E`.
     ///
     /// # Errors
-    /// [`HandlerError::Permanent`] when the payload does not decode (retrying cannot help).
+    /// [`HandlerError::Permanent`] when the payload does not decode, is of another event type or
+    /// of a newer schema version than this build knows (retrying cannot help).
     pub fn decode<E: Event>(&self) -> Result<E, HandlerError> {
-        todo!()
+        if self.event_type != E::TYPE {
+            return Err(HandlerError::Permanent(format!(
+                "expected a {} event, got {}",
+                E::TYPE,
+                self.event_type
+            )));
+        }
+        if self.version > E::VERSION {
+            return Err(HandlerError::Permanent(format!(
+                "{} schema version {} is newer than the supported {}",
+                E::TYPE,
+                self.version,
+                E::VERSION
+            )));
+        }
+        serde_json::from_slice(&self.data).map_err(|e| {
+            HandlerError::Permanent(format!("{} payload does not decode: {e}", E::TYPE))
+        })
     }
 }
 
@@ -109,7 +119,7 @@ impl std::fmt::Debug for ConsumerSpec {
 }
 
 /// Why a publish failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     /// Not connected (and did not reconnect in time).
     #[error("not connected to the broker")]
@@ -144,61 +154,66 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
-    /// Builds a message for `event`, capturing the current correlation ID.
+    /// Builds a message for `event` with a fresh ID, capturing the current correlation ID.
     ///
     /// # Errors
     /// Serialisation failure.
     pub fn new<E: Event>(event: &E) -> Result<Self, serde_json::Error> {
-        todo!()
+        Ok(Self {
+            message_id: Uuid::new_v4(),
+            event_type: E::TYPE.to_owned(),
+            version: E::VERSION,
+            correlation_id: crate::correlation::current().map(|id| id.as_str().to_owned()),
+            data: Bytes::from(serde_json::to_vec(event)?),
+        })
     }
 }
 
-/// Publishes with confirms; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Publisher {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlation::{self, CorrelationId};
+    use crate::events::{OrderCancelled, PriceChanged};
+    use crate::money::Money;
 
-impl Publisher {
-    /// Publishes `message` and waits for the broker's confirm.
-    ///
-    /// # Errors
-    /// See [`PublishError`].
-    pub async fn publish(&self, message: OutgoingMessage) -> Result<(), PublishError> {
-        todo!()
+    fn price_changed() -> PriceChanged {
+        PriceChanged {
+            sku: "BK-12".to_owned(),
+            price: Money(3990),
+            currency: "EUR".to_owned(),
+        }
     }
-}
 
-/// The process's broker connection, owned by a supervisor task.
-#[derive(Debug, Clone)]
-pub struct Broker {}
+    #[tokio::test]
+    async fn an_outgoing_message_captures_the_current_correlation_id() {
+        let id = CorrelationId::parse("req-7").expect("valid");
+        let message = correlation::scope(id, async { OutgoingMessage::new(&price_changed()) })
+            .await
+            .expect("serialises");
+        assert_eq!(message.correlation_id.as_deref(), Some("req-7"));
+        assert_eq!(message.event_type, "price.changed");
+        let outside = OutgoingMessage::new(&price_changed()).expect("serialises");
+        assert_eq!(outside.correlation_id, None);
+        assert_ne!(outside.message_id, message.message_id);
+    }
 
-impl Broker {
-    /// Starts the supervisor: connects (retrying), declares topology, runs `consumers`, rebuilds
-    /// everything on failure, stops on `shutdown`.
-    pub fn start(
-        service: &'static str,
-        settings: MessagingSettings,
-        consumers: Vec<ConsumerSpec>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        todo!()
-    }
-    /// A publisher on this connection.
-    pub fn publisher(&self) -> Publisher {
-        todo!()
-    }
-    /// Deletes every exchange and queue this broker's topology declared (tests clean up with it).
-    ///
-    /// # Errors
-    /// [`PublishError::Broker`] if the broker cannot be reached.
-    pub async fn delete_topology(&self) -> Result<(), PublishError> {
-        todo!()
-    }
-    /// Whether connected and topology declared.
-    pub fn is_connected(&self) -> bool {
-        todo!()
-    }
-    /// Critical readiness check: failing while disconnected.
-    pub fn health_check(&self) -> CheckStatus {
-        todo!()
+    #[test]
+    fn decoding_as_the_wrong_event_type_is_a_permanent_failure() {
+        let outgoing = OutgoingMessage::new(&price_changed()).expect("serialises");
+        let incoming = IncomingMessage {
+            message_id: outgoing.message_id,
+            event_type: outgoing.event_type,
+            version: 1,
+            data: outgoing.data,
+            attempt: 1,
+        };
+        assert_eq!(
+            incoming.decode::<PriceChanged>().ok(),
+            Some(price_changed())
+        );
+        assert!(matches!(
+            incoming.decode::<OrderCancelled>(),
+            Err(HandlerError::Permanent(_))
+        ));
     }
 }
