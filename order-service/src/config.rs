@@ -1,0 +1,55 @@
+//! Order-service's settings, read from the environment in one place.
+
+use std::time::Duration;
+
+use shared::client::ClientConfig;
+use shared::config::{ConfigError, Env};
+use shared::messaging::MessagingSettings;
+
+/// Everything order-service needs to start. Tests build it directly (for example with a
+/// shortened client timeout or breaker open time) instead of touching the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `HOST`, default `0.0.0.0`.
+    pub host: String,
+    /// `PORT`, default 4001 (0 picks a free port, which tests use).
+    pub port: u16,
+    /// `DATABASE_URL`, default `sqlite://data/order.db`.
+    pub database_url: String,
+    /// `REQUEST_BUDGET_MS`: the budget of a request whose caller sent none, and the cap on one
+    /// that did.
+    pub request_budget: Duration,
+    /// The broker connection.
+    pub messaging: MessagingSettings,
+    /// The pricing client (`PRICING_URL` and the `HTTP_*` / `BREAKER_*` tunables).
+    pub pricing: ClientConfig,
+    /// The inventory client (`INVENTORY_URL` and the same tunables).
+    pub inventory: ClientConfig,
+}
+
+/// A caller that sends no deadline still gets an answer in bounded time; 5 s matches the
+/// gateway's edge budget, so a direct call is never allowed more than a call through the edge.
+const DEFAULT_REQUEST_BUDGET: Duration = Duration::from_secs(5);
+
+impl Settings {
+    /// Reads the settings.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for a malformed variable.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            host: env.string_or("HOST", "0.0.0.0"),
+            port: env.parse_or("PORT", 4001)?,
+            database_url: env.string_or("DATABASE_URL", "sqlite://data/order.db"),
+            request_budget: env.millis_or("REQUEST_BUDGET_MS", DEFAULT_REQUEST_BUDGET)?,
+            messaging: MessagingSettings::from_env(env)?,
+            pricing: ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?,
+            inventory: ClientConfig::from_env(
+                "inventory",
+                env,
+                "INVENTORY_URL",
+                "http://inventory:4002",
+            )?,
+        })
+    }
+}

@@ -1,0 +1,25 @@
+//! What order-service consumes from the broker.
+
+mod price_events;
+
+pub use price_events::PriceChangedHandler;
+
+use std::sync::Arc;
+
+use shared::events::{Event, PriceChanged};
+use shared::messaging::ConsumerSpec;
+use sqlx::SqlitePool;
+
+use crate::domain::PriceCache;
+
+/// The queue that feeds the price cache.
+pub const PRICE_EVENTS_QUEUE: &str = "order.price-events";
+
+/// Every consumer this service runs.
+pub fn consumers(pool: SqlitePool, prices: PriceCache) -> Vec<ConsumerSpec> {
+    vec![ConsumerSpec {
+        queue: PRICE_EVENTS_QUEUE.to_owned(),
+        event_types: vec![PriceChanged::TYPE],
+        handler: Arc::new(PriceChangedHandler::new(pool, prices)),
+    }]
+}
