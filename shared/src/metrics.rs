@@ -4,7 +4,9 @@
 //! all four services in one process without their counters mixing. Components that own live state,
 //! like a client's circuit breaker, register a [`Collector`] that reads it at scrape time.
 
-use std::sync::{Arc, RwLock};
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -36,6 +38,7 @@ pub struct Metrics {
     registry: Arc<RwLock<Registry>>,
     requests: Family<RouteLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
+    shared: Arc<Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
 }
 
 impl Metrics {
@@ -64,7 +67,24 @@ impl Metrics {
             registry: Arc::new(RwLock::new(registry)),
             requests,
             latency,
+            shared: Arc::default(),
         }
+    }
+
+    /// This registry's single `T`, built (and its metrics registered) by `init` on first use.
+    ///
+    /// For components with several instances per service that report into one metric family, such
+    /// as the clients of each dependency: OpenMetrics allows each family name once per exposition,
+    /// so the instances share one collector rather than registering one each.
+    pub fn shared<T: Any + Send + Sync>(&self, init: impl FnOnce(&Self) -> T) -> Arc<T> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = shared
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(init(self)));
+        // The map is keyed by the value's own type, so the downcast cannot fail.
+        Arc::clone(entry)
+            .downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("metrics.shared is keyed by TypeId"))
     }
 
     /// Registers a metric owned by a component.

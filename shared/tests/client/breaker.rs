@@ -1,0 +1,184 @@
+//! The circuit breaker in front of a real upstream: trips, fails fast, probes, recovers.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use shared::client::{BreakerState, ClientError, ClientRequest, ResilientClient};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{client, config, jump_clock, received};
+
+const OPEN_FOR: Duration = Duration::from_secs(5);
+
+/// A client that opens after 3 failed attempts and retries nothing, so attempts = calls.
+fn fragile_client(upstream: &MockServer) -> ResilientClient {
+    let mut config = config(&[upstream]);
+    config.retry.max_attempts = 1;
+    config.breaker.failure_threshold = 3;
+    config.breaker.open_for = OPEN_FOR;
+    client(config)
+}
+
+async fn failing(upstream: &MockServer) {
+    upstream.reset().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(upstream)
+        .await;
+}
+
+async fn healthy(upstream: &MockServer, delay: Duration) {
+    upstream.reset().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_delay(delay))
+        .mount(upstream)
+        .await;
+}
+
+async fn trip(client: &ResilientClient) {
+    for _ in 0..3 {
+        let error = client
+            .send(ClientRequest::get("/prices/BK-12"))
+            .await
+            .expect_err("500");
+        assert_eq!(error.status(), Some(StatusCode::INTERNAL_SERVER_ERROR));
+    }
+    assert_eq!(client.breaker_state(), BreakerState::Open);
+}
+
+#[tokio::test]
+async fn an_open_breaker_fails_fast_without_calling_the_dependency() {
+    let upstream = MockServer::start().await;
+    failing(&upstream).await;
+    let client = fragile_client(&upstream);
+
+    trip(&client).await;
+    let error = client
+        .send(ClientRequest::get("/prices/BK-12"))
+        .await
+        .expect_err("open");
+
+    match error {
+        ClientError::CircuitOpen { retry_after, .. } => {
+            assert!(retry_after <= OPEN_FOR && retry_after > OPEN_FOR - Duration::from_secs(1));
+        }
+        other => panic!("expected CircuitOpen, got {other:?}"),
+    }
+    assert_eq!(received(&upstream).await.len(), 3);
+    let check = client.health_check();
+    assert!(!check.ok);
+    assert_eq!(check.detail["breaker"], "open");
+}
+
+#[tokio::test]
+async fn client_errors_do_not_trip_the_breaker() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&upstream)
+        .await;
+    let client = fragile_client(&upstream);
+
+    for _ in 0..10 {
+        let _ = client.send(ClientRequest::get("/prices/NOPE")).await;
+    }
+
+    assert_eq!(client.breaker_state(), BreakerState::Closed);
+    assert!(client.health_check().ok);
+}
+
+#[tokio::test]
+async fn after_open_for_a_successful_probe_closes_the_breaker() {
+    let upstream = MockServer::start().await;
+    failing(&upstream).await;
+    let client = fragile_client(&upstream);
+    trip(&client).await;
+
+    healthy(&upstream, Duration::ZERO).await;
+    jump_clock(OPEN_FOR).await;
+    assert_eq!(client.breaker_state(), BreakerState::HalfOpen);
+    client
+        .send(ClientRequest::get("/prices/BK-12"))
+        .await
+        .expect("probe succeeds");
+
+    assert_eq!(client.breaker_state(), BreakerState::Closed);
+    assert_eq!(received(&upstream).await.len(), 1);
+}
+
+#[tokio::test]
+async fn after_open_for_a_failed_probe_reopens_the_breaker() {
+    let upstream = MockServer::start().await;
+    failing(&upstream).await;
+    let client = fragile_client(&upstream);
+    trip(&client).await;
+
+    jump_clock(OPEN_FOR).await;
+    let probe = client.send(ClientRequest::get("/prices/BK-12")).await;
+    let next = client.send(ClientRequest::get("/prices/BK-12")).await;
+
+    assert_eq!(
+        probe.expect_err("still failing").status(),
+        Some(StatusCode::INTERNAL_SERVER_ERROR)
+    );
+    assert!(
+        matches!(next, Err(ClientError::CircuitOpen { .. })),
+        "{next:?}"
+    );
+    assert_eq!(client.breaker_state(), BreakerState::Open);
+    // Three calls that tripped it and the one probe; the call after the probe was never sent.
+    assert_eq!(received(&upstream).await.len(), 4);
+}
+
+#[tokio::test]
+async fn half_open_lets_only_one_probe_through_at_a_time() {
+    let upstream = MockServer::start().await;
+    failing(&upstream).await;
+    let client = fragile_client(&upstream);
+    trip(&client).await;
+
+    // The probe takes a while, so the second call arrives while it is in flight.
+    healthy(&upstream, Duration::from_millis(200)).await;
+    jump_clock(OPEN_FOR).await;
+    let (probe, second) = tokio::join!(
+        client.send(ClientRequest::get("/prices/BK-12")),
+        client.send(ClientRequest::get("/prices/BK-12")),
+    );
+
+    assert!(probe.is_ok(), "{probe:?}");
+    assert!(
+        matches!(second, Err(ClientError::CircuitOpen { .. })),
+        "{second:?}"
+    );
+    assert_eq!(received(&upstream).await.len(), 1);
+    assert_eq!(client.breaker_state(), BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn a_timeout_counts_against_the_dependency_only_if_it_had_its_full_attempt_timeout() {
+    let upstream = MockServer::start().await;
+    healthy(&upstream, Duration::from_secs(5)).await;
+    let mut config = config(&[&upstream]);
+    config.retry.max_attempts = 1;
+    config.breaker.failure_threshold = 1;
+    config.attempt_timeout = Duration::from_millis(200);
+    let client = client(config);
+
+    // Cut short by the caller's 100 ms deadline: the dependency never had a fair chance.
+    let clipped = shared::deadline::scope(
+        shared::deadline::Deadline::after(Duration::from_millis(100)),
+        client.send(ClientRequest::get("/prices/BK-12")),
+    )
+    .await;
+    assert!(
+        matches!(clipped, Err(ClientError::Timeout { .. })),
+        "{clipped:?}"
+    );
+    assert_eq!(client.breaker_state(), BreakerState::Closed);
+
+    // Silent for the whole attempt timeout: that is the dependency's failure.
+    let full = client.send(ClientRequest::get("/prices/BK-12")).await;
+    assert!(matches!(full, Err(ClientError::Timeout { .. })), "{full:?}");
+    assert_eq!(client.breaker_state(), BreakerState::Open);
+}
