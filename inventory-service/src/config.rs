@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use shared::config::{ConfigError, Env};
+use shared::db::DbSettings;
 use shared::messaging::MessagingSettings;
 
 /// Everything inventory-service needs to start.
@@ -12,8 +13,8 @@ pub struct Settings {
     pub host: String,
     /// `PORT`, default 4002 (0 picks a free port, which tests use).
     pub port: u16,
-    /// `DATABASE_URL`, default `sqlite://data/inventory.db`.
-    pub database_url: String,
+    /// `DATABASE_URL` (default `sqlite://data/inventory.db`) and `SQLITE_SYNCHRONOUS`.
+    pub database: DbSettings,
     /// `REQUEST_BUDGET_MS`: the budget of a request whose caller sent none.
     pub request_budget: Duration,
     /// The broker connection.
@@ -54,7 +55,7 @@ impl Settings {
         Ok(Self {
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 4002)?,
-            database_url: env.string_or("DATABASE_URL", "sqlite://data/inventory.db"),
+            database: DbSettings::from_env(env, crate::SERVICE)?,
             request_budget: env.millis_or("REQUEST_BUDGET_MS", DEFAULT_REQUEST_BUDGET)?,
             messaging: MessagingSettings::from_env(env)?,
             reservation_ttl,

@@ -1,11 +1,13 @@
 //! Stock and reservations: the repository trait and its SQLite implementation.
 //!
-//! Every operation that reads and then writes runs in one `BEGIN IMMEDIATE` transaction: it takes
-//! SQLite's write lock up front, so two requests can never both read "enough stock" and both
-//! reserve, and a reader never has to upgrade to a writer mid-transaction (the upgrade is what
-//! fails with `SQLITE_BUSY` at once, bypassing the busy timeout).
+//! Every operation that reads and then writes runs in one `BEGIN IMMEDIATE` transaction
+//! ([`shared::db::begin_write`]): it takes SQLite's write lock up front, so two requests can never
+//! both read "enough stock" and both reserve, and a reader never has to upgrade to a writer
+//! mid-transaction (the upgrade is what fails with `SQLITE_BUSY` at once, bypassing the busy
+//! timeout).
 
 use futures::future::BoxFuture;
+use shared::db::begin_write;
 use shared::events::EventLine;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -161,10 +163,6 @@ impl SqliteInventoryStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
 }
 
 fn millis(at: OffsetDateTime) -> i64 {
@@ -311,7 +309,7 @@ impl InventoryStore for SqliteInventoryStore {
                     "onHand must not be negative, got {on_hand}"
                 )));
             }
-            let mut tx = self.begin_write().await?;
+            let mut tx = begin_write(&self.pool).await?;
             let reserved: i64 = sqlx::query("SELECT reserved FROM stock WHERE sku = ?")
                 .bind(sku)
                 .fetch_optional(&mut *tx)
@@ -342,7 +340,7 @@ impl InventoryStore for SqliteInventoryStore {
             let qty = request.qty.get();
             // One write transaction from the idempotency lookup to the insert: a concurrent
             // request with the same key waits for the lock and then finds this reservation.
-            let mut tx = self.begin_write().await?;
+            let mut tx = begin_write(&self.pool).await?;
             if let Some(key) = &request.idempotency_key {
                 let earlier = sqlx::query(&format!(
                     "SELECT {RESERVATION_COLUMNS} WHERE idempotency_key = ?"
@@ -384,7 +382,8 @@ impl InventoryStore for SqliteInventoryStore {
                 order_id: request.order_id,
                 status: ReservationStatus::Reserved,
                 remaining_after: stock.available - i64::from(qty),
-                expires_at: request.expires_at,
+                // Stored in milliseconds: answer what a replay will read back.
+                expires_at: from_millis(millis(request.expires_at)),
             };
             sqlx::query(
                 "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
@@ -411,7 +410,7 @@ impl InventoryStore for SqliteInventoryStore {
 
     fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.begin_write().await?;
+            let mut tx = begin_write(&self.pool).await?;
             let reservation = find_reservation(&mut tx, id)
                 .await?
                 .ok_or(StoreError::UnknownReservation(id))?;
@@ -432,7 +431,7 @@ impl InventoryStore for SqliteInventoryStore {
     fn expire_due(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let now = millis(now);
-            let mut tx = self.begin_write().await?;
+            let mut tx = begin_write(&self.pool).await?;
             // Set-based: give each SKU back the sum of its due reservations, then mark them, in
             // one transaction so the two statements see the same set.
             sqlx::query(
@@ -464,7 +463,7 @@ impl InventoryStore for SqliteInventoryStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.begin_write().await?;
+            let mut tx = begin_write(&self.pool).await?;
             if !shared::inbox::record(&mut tx, message_id).await? {
                 return Ok(Applied {
                     duplicate: true,
@@ -523,7 +522,7 @@ impl InventoryStore for SqliteInventoryStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.begin_write().await?;
+            let mut tx = begin_write(&self.pool).await?;
             if !shared::inbox::record(&mut tx, message_id).await? {
                 return Ok(Applied {
                     duplicate: true,
