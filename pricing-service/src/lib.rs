@@ -1,1 +1,26 @@
-//! placeholder
+//! pricing-service: prices, and how many units of each product have sold.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`config`] | [`config::Settings`], read from the environment |
+//! | [`startup`] | [`startup::Application`]: wiring, serving, the outbox relay |
+//! | [`routes`] | `GET /prices`, `GET/PUT /prices/{sku}` |
+//! | [`domain`] | the price record and its validation |
+//! | [`store`] | the repository trait and its SQLite implementation (migrations in `migrations/`) |
+//! | [`messaging`] | the `order.placed` consumer (units sold) |
+//! | [`state`], [`error`] | request state and the problem+json error type |
+//!
+//! A price change is stored together with a `price.changed` outbox row in one transaction; the
+//! [`shared::outbox::OutboxRelay`] publishes it with confirms, so no change is lost or invented.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod messaging;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod store;
+
+/// The service's name in logs, metrics and queue names.
+pub const SERVICE: &str = "pricing";

@@ -1,0 +1,151 @@
+//! Wiring: database, broker, outbox relay and routes, and their orderly shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use serde_json::json;
+use shared::health::{CheckStatus, Health};
+use shared::messaging::Broker;
+use shared::metrics::Metrics;
+use shared::outbox::OutboxRelay;
+use shared::server::{Chassis, DEFAULT_BODY_LIMIT};
+use shared::shutdown::DEFAULT_DRAIN;
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::SERVICE;
+use crate::config::Settings;
+use crate::messaging::OrderEventsHandler;
+use crate::routes;
+use crate::state::AppState;
+use crate::store::{MIGRATIONS, PriceStore, SqlitePriceStore};
+
+/// A readiness probe that takes longer than this counts as failing: a healthy SQLite answers
+/// `SELECT 1` in microseconds, and the probe must answer well within an orchestrator's 1 s timeout.
+const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The built service, bound to its port, not yet serving.
+pub struct Application {
+    port: u16,
+    listener: TcpListener,
+    router: Router,
+    relay: OutboxRelay,
+    broker: Broker,
+    background: CancellationToken,
+    // Stops the broker (started in `build`) if the application is dropped without running.
+    _stop_background: DropGuard,
+}
+
+impl Application {
+    /// Opens and migrates the database, binds the port and connects to the broker.
+    ///
+    /// # Errors
+    /// The database cannot be opened or migrated, or the port cannot be bound.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = shared::db::connect_with(&settings.database, MIGRATIONS)
+            .await
+            .with_context(|| format!("opening the database {}", settings.database.url))?;
+        let store: Arc<dyn PriceStore> = Arc::new(SqlitePriceStore::new(pool.clone()));
+        let listener = shared::server::bind(&settings.host, settings.port)
+            .await
+            .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
+        let port = listener.local_addr()?.port();
+
+        let background = CancellationToken::new();
+        let broker = Broker::start(
+            SERVICE,
+            settings.messaging.clone(),
+            vec![OrderEventsHandler::consumer(store.clone())],
+            background.clone(),
+        );
+        let relay = OutboxRelay::new(pool, broker.publisher());
+
+        let metrics = Metrics::new(SERVICE);
+        let health = readiness_checks(store.clone(), broker.clone());
+        let state = AppState {
+            store,
+            relay: relay.clone(),
+        };
+        let chassis = Chassis {
+            service: SERVICE,
+            request_budget: settings.request_budget,
+            body_limit: DEFAULT_BODY_LIMIT,
+            metrics: metrics.clone(),
+        };
+        let router =
+            chassis.wrap(routes::router(state).merge(shared::health::router(health, metrics)));
+        Ok(Self {
+            port,
+            listener,
+            router,
+            relay,
+            broker,
+            _stop_background: background.clone().drop_guard(),
+            background,
+        })
+    }
+
+    /// The bound port (useful when the settings asked for port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The broker connection (tests use it to wait for the topology and to delete it).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Serves until SIGINT or SIGTERM.
+    ///
+    /// # Errors
+    /// Serving failed.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            shared::shutdown::signal().await;
+            tracing::info!("shutdown signal received");
+            trigger.cancel();
+        });
+        self.run_until(shutdown).await
+    }
+
+    /// Serves until `shutdown` is cancelled, drains in-flight requests, then stops the outbox
+    /// relay and the broker connection (after the requests that might still enqueue events).
+    ///
+    /// # Errors
+    /// Serving failed.
+    pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "pricing-service listening");
+        let relay = shared::server::spawn_until(
+            self.background.clone(),
+            self.relay.clone().run(self.background.clone()),
+        );
+        let served =
+            shared::server::serve(self.listener, self.router, shutdown, DEFAULT_DRAIN).await;
+        self.background.cancel();
+        let _ = relay.await;
+        served.context("serving HTTP")
+    }
+}
+
+/// Ready when the database answers and the broker is connected with its topology declared.
+fn readiness_checks(store: Arc<dyn PriceStore>, broker: Broker) -> Health {
+    Health::new(SERVICE)
+        .critical("database", move || {
+            let store = store.clone();
+            async move {
+                match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, store.ping()).await {
+                    Ok(Ok(())) => CheckStatus::ok(json!("reachable")),
+                    Ok(Err(error)) => CheckStatus::failing(json!(error.to_string())),
+                    Err(_) => CheckStatus::failing(json!("timed out")),
+                }
+            }
+        })
+        .critical("broker", move || {
+            let broker = broker.clone();
+            async move { broker.health_check() }
+        })
+}

@@ -1,0 +1,224 @@
+//! Prices and sales counters: the repository trait and its SQLite implementation.
+//!
+//! A price change and its `price.changed` outbox row are written in one transaction, so an event
+//! is published exactly for the changes that were stored. Read-then-write operations use
+//! `BEGIN IMMEDIATE` ([`shared::db::begin_write`]), taking SQLite's write lock up front instead
+//! of upgrading a read lock mid-transaction (an upgrade that loses a race fails with
+//! `SQLITE_BUSY` at once).
+
+use futures::future::BoxFuture;
+use shared::db::begin_write;
+use shared::events::{EventLine, PriceChanged};
+use shared::money::Money;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+use crate::domain::Price;
+use crate::domain::price::DEFAULT_CURRENCY;
+
+/// The schema, applied in order by [`shared::db::connect`].
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "prices", include_str!("../migrations/0001_prices.sql")),
+    (
+        2,
+        "seed catalogue",
+        include_str!("../migrations/0002_seed_catalogue.sql"),
+    ),
+    (3, "transactional outbox", shared::outbox::MIGRATION),
+    (4, "consumer inbox", shared::inbox::MIGRATION),
+];
+
+/// Why a store operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (busy, I/O, corrupt row; writing the outbox row included).
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A price to set.
+#[derive(Debug, Clone)]
+pub struct SetPrice {
+    /// Product (created if new, named after its SKU).
+    pub sku: String,
+    /// New price per unit.
+    pub price: Money,
+    /// New currency; `None` keeps the current one (EUR for a new SKU).
+    pub currency: Option<String>,
+}
+
+/// The result of setting a price.
+#[derive(Debug, Clone)]
+pub struct PriceSet {
+    /// The stored price.
+    pub price: Price,
+    /// Whether the SKU was new.
+    pub created: bool,
+}
+
+/// What handling `order.placed` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SalesRecorded {
+    /// The message ID was already in the inbox: nothing was done.
+    pub duplicate: bool,
+    /// Units added to sales counters.
+    pub units: u64,
+    /// SKUs of lines that name no known price (their units are not counted).
+    pub unknown_skus: Vec<String>,
+}
+
+/// Storage of prices and sales counters.
+///
+/// Methods return boxed futures so the store can live behind `Arc<dyn PriceStore>`.
+pub trait PriceStore: Send + Sync + 'static {
+    /// Checks the database answers (readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Every price, by SKU.
+    fn list_prices(&self) -> BoxFuture<'_, Result<Vec<Price>, StoreError>>;
+    /// One SKU's price, `None` if unknown.
+    fn get_price<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<Price>, StoreError>>;
+    /// Sets a price and enqueues `price.changed` in the same transaction.
+    fn set_price(&self, change: SetPrice) -> BoxFuture<'_, Result<PriceSet, StoreError>>;
+    /// Adds each line's units to its SKU's sales, once per message ID.
+    fn record_sales(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<SalesRecorded, StoreError>>;
+}
+
+/// [`PriceStore`] on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqlitePriceStore {
+    pool: SqlitePool,
+}
+
+impl SqlitePriceStore {
+    /// A store over an opened, migrated pool.
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+}
+
+const PRICE_COLUMNS: &str = "sku, name, price_cents, currency, units_sold FROM prices";
+
+fn price_from_row(row: &SqliteRow) -> Result<Price, sqlx::Error> {
+    Ok(Price {
+        sku: row.try_get("sku")?,
+        name: row.try_get("name")?,
+        price: Money(row.try_get("price_cents")?),
+        currency: row.try_get("currency")?,
+        units_sold: row.try_get("units_sold")?,
+    })
+}
+
+impl PriceStore for SqlitePriceStore {
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+    }
+
+    fn list_prices(&self) -> BoxFuture<'_, Result<Vec<Price>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(&format!("SELECT {PRICE_COLUMNS} ORDER BY sku"))
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows.iter().map(price_from_row).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn get_price<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<Price>, StoreError>> {
+        Box::pin(async move {
+            let row = sqlx::query(&format!("SELECT {PRICE_COLUMNS} WHERE sku = ?"))
+                .bind(sku)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row.as_ref().map(price_from_row).transpose()?)
+        })
+    }
+
+    fn set_price(&self, change: SetPrice) -> BoxFuture<'_, Result<PriceSet, StoreError>> {
+        Box::pin(async move {
+            let mut tx = begin_write(&self.pool).await?;
+            let current = sqlx::query(&format!("SELECT {PRICE_COLUMNS} WHERE sku = ?"))
+                .bind(&change.sku)
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(price_from_row)
+                .transpose()?;
+            let created = current.is_none();
+            let price = match current {
+                Some(current) => Price {
+                    price: change.price,
+                    currency: change.currency.unwrap_or(current.currency),
+                    ..current
+                },
+                None => Price {
+                    name: change.sku.clone(),
+                    sku: change.sku,
+                    price: change.price,
+                    currency: change
+                        .currency
+                        .unwrap_or_else(|| DEFAULT_CURRENCY.to_owned()),
+                    units_sold: 0,
+                },
+            };
+            sqlx::query(
+                "INSERT INTO prices (sku, name, price_cents, currency) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (sku) DO UPDATE SET \
+                 price_cents = excluded.price_cents, currency = excluded.currency",
+            )
+            .bind(&price.sku)
+            .bind(&price.name)
+            .bind(price.price.cents())
+            .bind(&price.currency)
+            .execute(&mut *tx)
+            .await?;
+            let event = PriceChanged {
+                sku: price.sku.clone(),
+                price: price.price,
+                currency: price.currency.clone(),
+            };
+            shared::outbox::enqueue(&mut tx, &event).await?;
+            tx.commit().await?;
+            Ok(PriceSet { price, created })
+        })
+    }
+
+    fn record_sales(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<SalesRecorded, StoreError>> {
+        Box::pin(async move {
+            let mut tx = begin_write(&self.pool).await?;
+            if !shared::inbox::record(&mut tx, message_id).await? {
+                return Ok(SalesRecorded {
+                    duplicate: true,
+                    ..SalesRecorded::default()
+                });
+            }
+            let mut recorded = SalesRecorded::default();
+            for line in &lines {
+                let updated =
+                    sqlx::query("UPDATE prices SET units_sold = units_sold + ? WHERE sku = ?")
+                        .bind(i64::from(line.qty))
+                        .bind(&line.sku)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                if updated == 0 {
+                    recorded.unknown_skus.push(line.sku.clone());
+                } else {
+                    recorded.units += u64::from(line.qty);
+                }
+            }
+            tx.commit().await?;
+            Ok(recorded)
+        })
+    }
+}

@@ -1,0 +1,5 @@
+//! pricing-service's API tests: the real service on a free port, a real broker.
+
+mod helpers;
+mod order_events;
+mod prices;
