@@ -1,18 +1,18 @@
 //! The resilient HTTP client: one per dependency, built once from [`ClientConfig`].
 //!
-//! A call goes through these steps, each in its own file:
+//! A call goes through these steps (breaker, retry policy, errors and metrics each have a file):
 //!
 //! 1. The effective deadline is the request's deadline in scope ([`crate::deadline::current`]),
 //!    capped at `now + call_timeout`; nothing is sent once less than `deadline_margin` is left.
-//! 2. The [circuit breaker](breaker) admits the attempt or fails fast with
+//! 2. The circuit breaker (`breaker.rs`) admits the attempt or fails fast with
 //!    [`ClientError::CircuitOpen`].
 //! 3. The attempt goes to the next base URL (round-robin, so a retry lands on another instance)
 //!    with `x-correlation-id`, `x-request-timeout-ms` (what is left of the deadline, minus the
 //!    margin, capped at `attempt_timeout`) and `Idempotency-Key` when the request has one, and is
 //!    abandoned when that attempt budget runs out.
 //! 4. A transient failure (connect error, timeout, `429`, `5xx` but `501`) of a request that may be
-//!    sent twice (safe or idempotent method, or an idempotency key) is [retried](retry) after a
-//!    backoff with full jitter, stretched to honour `Retry-After`, if the [retry budget](retry)
+//!    sent twice (safe or idempotent method, or an idempotency key) is retried (`retry.rs`) after a
+//!    backoff with full jitter, stretched to honour `Retry-After`, if the retry budget
 //!    has a token and the sleep ends before the deadline; otherwise the error is returned at once.
 //! 5. Non-2xx answers become [`ClientError::Status`]; [`ClientError::to_problem`] turns any error
 //!    into the `502`/`503`/`504` problem our own caller gets.
@@ -330,7 +330,8 @@ impl ResilientClient {
     /// Sends `request`; 2xx → `Ok`, anything else → a typed error.
     ///
     /// # Errors
-    /// See [`ClientError`]; after retries the error of the last attempt is returned.
+    /// See [`ClientError`]. After retries the last attempt's error is returned, or
+    /// [`ClientError::CircuitOpen`] if those failures opened the breaker before the next attempt.
     pub async fn send(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
         let result = self.execute(&request).await;
         let outcome = outcome_of(&result);
