@@ -77,7 +77,7 @@ pub struct Reservation {
 #[derive(Debug, thiserror::Error)]
 pub enum ReserveError {
     /// Not enough stock: nothing was reserved.
-    #[error("stock is short: {requested} requested, {available:?} available")]
+    #[error("stock is short ({requested} requested)")]
     Short {
         /// Units asked for.
         requested: u32,

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use shared::client::ClientConfig;
 use shared::config::{ConfigError, Env};
+use shared::db::DbSettings;
 use shared::messaging::MessagingSettings;
 
 /// Everything order-service needs to start. Tests build it directly (for example with a
@@ -14,8 +15,8 @@ pub struct Settings {
     pub host: String,
     /// `PORT`, default 4001 (0 picks a free port, which tests use).
     pub port: u16,
-    /// `DATABASE_URL`, default `sqlite://data/order.db`.
-    pub database_url: String,
+    /// `DATABASE_URL` (default `sqlite://data/order.db`) and `SQLITE_SYNCHRONOUS`.
+    pub database: DbSettings,
     /// `REQUEST_BUDGET_MS`: the budget of a request whose caller sent none, and the cap on one
     /// that did.
     pub request_budget: Duration,
@@ -40,7 +41,7 @@ impl Settings {
         Ok(Self {
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 4001)?,
-            database_url: env.string_or("DATABASE_URL", "sqlite://data/order.db"),
+            database: DbSettings::from_env(env, crate::SERVICE)?,
             request_budget: env.millis_or("REQUEST_BUDGET_MS", DEFAULT_REQUEST_BUDGET)?,
             messaging: MessagingSettings::from_env(env)?,
             pricing: ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?,

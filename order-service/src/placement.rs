@@ -55,7 +55,7 @@ pub enum PlacementError {
     #[error("unknown sku {0}")]
     UnknownSku(String),
     /// A line's stock is short.
-    #[error("stock of {sku} is short: {requested} requested, {available:?} available")]
+    #[error("stock of {sku} is short ({requested} requested)")]
     OutOfStock {
         /// The short line.
         sku: String,
@@ -247,11 +247,11 @@ impl OrderPlacement {
         key: Option<String>,
     ) -> Result<Order, PlacementError> {
         let result = self.price_reserve_store(order_id, &request).await;
-        if let (Err(_), Some(key)) = (&result, key) {
-            if let Err(error) = self.repository.release_key(&key, order_id).await {
-                // The claim then goes stale after `claim_ttl` and a retry takes it over.
-                tracing::error!(%order_id, %error, "cannot give the idempotency key back");
-            }
+        if let (Err(_), Some(key)) = (&result, key)
+            && let Err(error) = self.repository.release_key(&key, order_id).await
+        {
+            // The claim then goes stale after `claim_ttl` and a retry takes it over.
+            tracing::error!(%order_id, %error, "cannot give the idempotency key back");
         }
         result
     }

@@ -51,9 +51,9 @@ impl Application {
     /// The database cannot be opened or migrated, a client cannot be built, or the port cannot
     /// be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect(&settings.database_url, MIGRATIONS)
+        let pool = shared::db::connect_with(&settings.database, MIGRATIONS)
             .await
-            .with_context(|| format!("opening the database {}", settings.database_url))?;
+            .with_context(|| format!("opening the database {}", settings.database.url))?;
         let orders: Arc<dyn OrderRepository> = Arc::new(SqliteOrderRepository::new(pool.clone()));
         let metrics = Metrics::new(SERVICE);
         let pricing = ResilientClient::new(settings.pricing.clone())

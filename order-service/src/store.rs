@@ -7,7 +7,7 @@
 use futures::future::BoxFuture;
 use shared::events::{EventLine, OrderCancelled, OrderPlaced};
 use shared::money::Money;
-use shared::{inbox, outbox};
+use shared::{db, inbox, outbox};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use time::OffsetDateTime;
@@ -111,7 +111,7 @@ impl SqliteOrderRepository {
         order_id: Uuid,
         stale_before_ms: i64,
     ) -> Result<KeyClaim, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         // The INSERT decides ownership atomically: a fresh key is inserted; an existing one is
         // only overwritten when its claim is stale AND its order was never stored (the owner
         // died mid-flight). No check-then-insert window exists for two requests to both win.
@@ -153,7 +153,7 @@ impl SqliteOrderRepository {
     }
 
     async fn insert_placed_tx(&self, order: &Order) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         sqlx::query(
             "INSERT INTO orders (id, status, total_cents, currency, priced_from_cache, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -197,7 +197,7 @@ impl SqliteOrderRepository {
     }
 
     async fn cancel_tx(&self, id: Uuid) -> Result<Option<Cancellation>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin_write(&self.pool).await?;
         // The status check in the WHERE makes the transition happen once, however many
         // cancellations race: only the one that changes the row enqueues the event.
         let newly_cancelled = sqlx::query(
@@ -352,4 +352,141 @@ fn format_time(at: OffsetDateTime) -> Result<String, StoreError> {
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn repository() -> SqliteOrderRepository {
+        let pool = db::connect("sqlite::memory:", MIGRATIONS)
+            .await
+            .expect("the database opens");
+        SqliteOrderRepository::new(pool)
+    }
+
+    fn order(id: Uuid) -> Order {
+        let line = OrderLine {
+            sku: "BK-12".to_owned(),
+            qty: 2,
+            unit_price: Money(3990),
+            price_source: PriceSource::Cache,
+            reservation_id: Uuid::new_v4(),
+        };
+        Order::placed(id, vec![line], "EUR".to_owned(), OffsetDateTime::now_utc()).expect("fits")
+    }
+
+    async fn outbox_rows(repo: &SqliteOrderRepository, event_type: &str) -> i64 {
+        sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE event_type = ?1")
+            .bind(event_type)
+            .fetch_one(&repo.pool)
+            .await
+            .expect("counts")
+            .try_get("n")
+            .expect("a count")
+    }
+
+    /// A claim made now is never stale with this cut-off.
+    const NOTHING_IS_STALE: i64 = 0;
+    /// Every claim made before the end of time is stale with this one.
+    const EVERYTHING_IS_STALE: i64 = i64::MAX;
+
+    #[tokio::test]
+    async fn only_the_first_claim_of_a_key_wins() {
+        let repo = repository().await;
+        let first = Uuid::new_v4();
+
+        let won = repo
+            .claim_key("key-1", "fp-a", first, NOTHING_IS_STALE)
+            .await;
+        let lost = repo
+            .claim_key("key-1", "fp-b", Uuid::new_v4(), NOTHING_IS_STALE)
+            .await;
+
+        assert_eq!(won.expect("claims"), KeyClaim::Claimed);
+        assert_eq!(
+            lost.expect("claims"),
+            KeyClaim::Held {
+                fingerprint: "fp-a".to_owned(),
+                order_id: first,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_given_back_can_be_claimed_again() {
+        let repo = repository().await;
+        let first = Uuid::new_v4();
+        repo.claim_key("key-1", "fp", first, NOTHING_IS_STALE)
+            .await
+            .expect("claims");
+
+        repo.release_key("key-1", first).await.expect("releases");
+        let again = repo
+            .claim_key("key-1", "fp", Uuid::new_v4(), NOTHING_IS_STALE)
+            .await;
+
+        assert_eq!(again.expect("claims"), KeyClaim::Claimed);
+    }
+
+    #[tokio::test]
+    async fn a_stale_claim_is_taken_over_only_if_its_order_was_never_stored() {
+        let repo = repository().await;
+        let crashed = Uuid::new_v4();
+        let finished = Uuid::new_v4();
+        repo.claim_key("crashed", "fp", crashed, NOTHING_IS_STALE)
+            .await
+            .expect("claims");
+        repo.claim_key("finished", "fp", finished, NOTHING_IS_STALE)
+            .await
+            .expect("claims");
+        repo.insert_placed(&order(finished)).await.expect("stores");
+
+        let takeover = repo
+            .claim_key("crashed", "fp", Uuid::new_v4(), EVERYTHING_IS_STALE)
+            .await;
+        let no_takeover = repo
+            .claim_key("finished", "fp", Uuid::new_v4(), EVERYTHING_IS_STALE)
+            .await;
+
+        assert_eq!(takeover.expect("claims"), KeyClaim::Claimed);
+        assert_eq!(
+            no_takeover.expect("claims"),
+            KeyClaim::Held {
+                fingerprint: "fp".to_owned(),
+                order_id: finished,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stored_order_reads_back_unchanged_with_its_event_enqueued() {
+        let repo = repository().await;
+        let placed = order(Uuid::new_v4());
+
+        repo.insert_placed(&placed).await.expect("stores");
+
+        assert_eq!(repo.get(placed.id).await.expect("reads"), Some(placed));
+        assert_eq!(outbox_rows(&repo, "order.placed").await, 1);
+        assert_eq!(repo.get(Uuid::new_v4()).await.expect("reads"), None);
+    }
+
+    #[tokio::test]
+    async fn cancelling_twice_enqueues_order_cancelled_once() {
+        let repo = repository().await;
+        let placed = order(Uuid::new_v4());
+        repo.insert_placed(&placed).await.expect("stores");
+
+        let first = repo.cancel(placed.id).await.expect("cancels");
+        let second = repo.cancel(placed.id).await.expect("cancels");
+
+        let first = first.expect("the order exists");
+        let second = second.expect("the order exists");
+        assert!(first.newly_cancelled);
+        assert!(!second.newly_cancelled);
+        assert_eq!(first.order.status, OrderStatus::Cancelled);
+        assert_eq!(second.order, first.order);
+        assert_eq!(outbox_rows(&repo, "order.cancelled").await, 1);
+        assert_eq!(repo.cancel(Uuid::new_v4()).await.expect("runs"), None);
+    }
 }

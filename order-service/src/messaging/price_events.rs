@@ -2,8 +2,8 @@
 
 use futures::future::BoxFuture;
 use shared::events::PriceChanged;
-use shared::inbox;
 use shared::messaging::{Handler, HandlerError, IncomingMessage};
+use shared::{db, inbox};
 use sqlx::SqlitePool;
 
 use crate::domain::PriceCache;
@@ -23,7 +23,7 @@ impl PriceChangedHandler {
 
     async fn apply(&self, message: IncomingMessage) -> Result<(), HandlerError> {
         let event: PriceChanged = message.decode()?;
-        let mut tx = self.pool.begin().await.map_err(transient)?;
+        let mut tx = db::begin_write(&self.pool).await.map_err(transient)?;
         if !inbox::record(&mut tx, message.message_id)
             .await
             .map_err(transient)?
