@@ -14,6 +14,10 @@
 //!
 //! Events go out through the transactional outbox: an order and its `order.placed` (or
 //! `order.cancelled`) row are committed together, and a relay publishes the row with confirms.
+//!
+//! The price cache is only a cache: in memory, empty after a restart, refilled by `price.changed`
+//! events and by every successful live lookup. It is read only when pricing cannot answer, and
+//! lines priced from it say so (`priceSource: "cache"`, `pricedFromCache: true`).
 
 pub mod clients;
 pub mod config;
