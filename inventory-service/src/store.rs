@@ -553,3 +553,146 @@ impl InventoryStore for SqliteInventoryStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Number;
+    use shared::money::Money;
+
+    use super::*;
+
+    async fn store() -> SqliteInventoryStore {
+        let pool = shared::db::connect("sqlite::memory:", MIGRATIONS)
+            .await
+            .expect("the database opens");
+        SqliteInventoryStore::new(pool)
+    }
+
+    /// Reserves `qty` of `sku`, expiring `expires_in` from now (negative: already due).
+    async fn reserve(
+        store: &SqliteInventoryStore,
+        sku: &str,
+        qty: u32,
+        expires_in: time::Duration,
+    ) -> Reservation {
+        let now = OffsetDateTime::now_utc();
+        store
+            .reserve(ReserveStock {
+                sku: sku.to_owned(),
+                qty: Quantity::parse(&Number::from(qty)).expect("valid qty"),
+                order_id: None,
+                idempotency_key: None,
+                now,
+                expires_at: now + expires_in,
+            })
+            .await
+            .expect("reserved")
+            .reservation
+    }
+
+    fn line(reservation: &Reservation) -> EventLine {
+        EventLine {
+            sku: reservation.sku.clone(),
+            qty: reservation.qty,
+            reservation_id: reservation.id,
+            unit_price: Money(100),
+        }
+    }
+
+    async fn stock(store: &SqliteInventoryStore, sku: &str) -> Stock {
+        store
+            .get_stock(sku)
+            .await
+            .expect("reads")
+            .expect("known sku")
+    }
+
+    #[tokio::test]
+    async fn expiry_gives_back_only_reservations_past_their_time() {
+        let store = store().await;
+        reserve(&store, "BK-12", 2, time::Duration::seconds(-1)).await;
+        reserve(&store, "BK-12", 3, time::Duration::minutes(10)).await;
+
+        let expired = store
+            .expire_due(OffsetDateTime::now_utc())
+            .await
+            .expect("sweeps");
+
+        assert_eq!(expired, 1);
+        assert_eq!(stock(&store, "BK-12").await, Stock::new("BK-12", 100, 3));
+    }
+
+    #[tokio::test]
+    async fn committing_an_expired_reservation_takes_its_units_from_on_hand_again() {
+        let store = store().await;
+        let lapsed = reserve(&store, "HD-44", 2, time::Duration::seconds(-1)).await;
+        store
+            .expire_due(OffsetDateTime::now_utc())
+            .await
+            .expect("sweeps");
+
+        let applied = store
+            .commit_order(Uuid::new_v4(), vec![line(&lapsed)])
+            .await
+            .expect("commits");
+
+        assert_eq!(applied.retaken, 1);
+        assert_eq!(stock(&store, "HD-44").await, Stock::new("HD-44", 1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_order_placed_after_its_cancellation_leaves_the_released_units_alone() {
+        let store = store().await;
+        let reservation = reserve(&store, "MG-07", 4, time::Duration::minutes(10)).await;
+        store
+            .cancel_order(Uuid::new_v4(), vec![line(&reservation)])
+            .await
+            .expect("cancels");
+
+        let applied = store
+            .commit_order(Uuid::new_v4(), vec![line(&reservation)])
+            .await
+            .expect("handled");
+
+        assert_eq!(applied.unchanged, 1);
+        assert_eq!(stock(&store, "MG-07").await, Stock::new("MG-07", 50, 0));
+    }
+
+    #[tokio::test]
+    async fn a_line_that_misdescribes_its_reservation_changes_nothing_and_is_not_recorded() {
+        let store = store().await;
+        let reservation = reserve(&store, "TS-33", 2, time::Duration::minutes(10)).await;
+        let message_id = Uuid::new_v4();
+        let wrong = EventLine {
+            qty: 3,
+            ..line(&reservation)
+        };
+
+        let refused = store.commit_order(message_id, vec![wrong]).await;
+        assert!(matches!(refused, Err(StoreError::LineMismatch { .. })));
+        assert_eq!(stock(&store, "TS-33").await, Stock::new("TS-33", 25, 2));
+
+        // The inbox row was rolled back with the effect: a corrected redelivery does the work.
+        let applied = store
+            .commit_order(message_id, vec![line(&reservation)])
+            .await
+            .expect("commits");
+        assert!(!applied.duplicate);
+        assert_eq!(stock(&store, "TS-33").await, Stock::new("TS-33", 23, 0));
+    }
+
+    #[tokio::test]
+    async fn releasing_a_committed_reservation_is_refused() {
+        let store = store().await;
+        let reservation = reserve(&store, "ST-01", 1, time::Duration::minutes(10)).await;
+        store
+            .commit_order(Uuid::new_v4(), vec![line(&reservation)])
+            .await
+            .expect("commits");
+
+        let refused = store.release(reservation.id).await;
+
+        assert!(matches!(refused, Err(StoreError::Committed(id)) if id == reservation.id));
+        assert_eq!(stock(&store, "ST-01").await, Stock::new("ST-01", 499, 0));
+    }
+}

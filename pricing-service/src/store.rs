@@ -222,3 +222,96 @@ impl PriceStore for SqlitePriceStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (SqlitePriceStore, SqlitePool) {
+        let pool = shared::db::connect("sqlite::memory:", MIGRATIONS)
+            .await
+            .expect("the database opens");
+        (SqlitePriceStore::new(pool.clone()), pool)
+    }
+
+    fn change(sku: &str, cents: i64, currency: Option<&str>) -> SetPrice {
+        SetPrice {
+            sku: sku.to_owned(),
+            price: Money(cents),
+            currency: currency.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_price_change_is_stored_with_its_outbox_row() {
+        let (store, pool) = store().await;
+
+        let set = store
+            .set_price(change("BK-12", 4200, None))
+            .await
+            .expect("sets");
+
+        assert!(!set.created);
+        assert_eq!(set.price.price, Money(4200));
+        assert_eq!(set.price.name, "The Rust Book");
+        assert_eq!(shared::outbox::pending(&pool).await.expect("counts"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_without_currency_keeps_the_current_one_and_a_new_sku_gets_eur() {
+        let (store, _) = store().await;
+        store
+            .set_price(change("MG-07", 1000, Some("USD")))
+            .await
+            .expect("sets");
+
+        let kept = store
+            .set_price(change("MG-07", 1100, None))
+            .await
+            .expect("sets");
+        let created = store
+            .set_price(change("NEW-1", 100, None))
+            .await
+            .expect("sets");
+
+        assert_eq!(kept.price.currency, "USD");
+        assert!(created.created);
+        assert_eq!(created.price.currency, "EUR");
+        assert_eq!(created.price.name, "NEW-1");
+    }
+
+    #[tokio::test]
+    async fn sales_are_counted_once_per_message_and_unknown_skus_are_reported() {
+        let (store, _) = store().await;
+        let lines = vec![
+            EventLine {
+                sku: "HD-44".to_owned(),
+                qty: 2,
+                reservation_id: Uuid::new_v4(),
+                unit_price: Money(4900),
+            },
+            EventLine {
+                sku: "GONE-1".to_owned(),
+                qty: 1,
+                reservation_id: Uuid::new_v4(),
+                unit_price: Money(100),
+            },
+        ];
+        let message_id = Uuid::new_v4();
+
+        let first = store
+            .record_sales(message_id, lines.clone())
+            .await
+            .expect("records");
+        let again = store
+            .record_sales(message_id, lines)
+            .await
+            .expect("records");
+
+        assert_eq!(first.units, 2);
+        assert_eq!(first.unknown_skus, ["GONE-1"]);
+        assert!(again.duplicate);
+        let hoodie = store.get_price("HD-44").await.expect("reads");
+        assert_eq!(hoodie.map(|p| p.units_sold), Some(2));
+    }
+}
