@@ -24,7 +24,6 @@
 # Any variable the services read (LOG_FORMAT, RUST_LOG, EVENTS_NAMESPACE, HTTP_*, ...) can be set
 # when calling the script; LOG_FORMAT defaults to json, the format the logs are grepped in.
 set -euo pipefail
-set -m
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
@@ -65,6 +64,9 @@ echo "run-local: building ($profile)..."
 cargo build "${cargo_flags[@]}" -p gateway -p order-service -p inventory-service -p pricing-service
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 
+# Job control from here on (not during the build, so a SIGTERM then also stops cargo): every
+# background job gets its own process group.
+set -m
 declare -A leader # service name -> pid of the service process, which leads its process group
 
 stop_all() {
