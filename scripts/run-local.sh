@@ -61,11 +61,17 @@ done
 cargo_flags=()
 [ "$profile" = release ] && cargo_flags+=(--release)
 echo "run-local: building ($profile)..."
-cargo build "${cargo_flags[@]}" -p gateway -p order-service -p inventory-service -p pricing-service
+# In the background with a trap, so Ctrl-C or a SIGTERM to this script also ends the build (a
+# signal to a script waiting on a foreground command is only handled after that command ends).
+cargo build "${cargo_flags[@]}" -p gateway -p order-service -p inventory-service -p pricing-service &
+build=$!
+trap 'kill -TERM "$build" 2>/dev/null; exit 130' INT
+trap 'kill -TERM "$build" 2>/dev/null; exit 143' TERM
+wait "$build"
+trap - INT TERM
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 
-# Job control from here on (not during the build, so a SIGTERM then also stops cargo): every
-# background job gets its own process group.
+# Job control from here on: every background job gets its own process group.
 set -m
 declare -A leader # service name -> pid of the service process, which leads its process group
 
