@@ -16,7 +16,9 @@ use http::{StatusCode, header};
 use serde_json::{Value, json};
 use shared::config::Env;
 use shared::messaging::Broker;
-use shared::telemetry::{CapturedLogs, LogFormat, TelemetrySettings, get_subscriber, init_subscriber};
+use shared::telemetry::{
+    CapturedLogs, LogFormat, TelemetrySettings, get_subscriber, init_subscriber,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::{JoinHandle, JoinSet};
@@ -100,6 +102,21 @@ pub fn logs_for(correlation_id: &str) -> Vec<Value> {
         .into_iter()
         .filter(|line| line["correlationId"] == correlation_id)
         .collect()
+}
+
+/// How many times inventory applied `order.placed` for `order_id` (a redelivery that its inbox
+/// recognised is logged as a skipped duplicate, not counted here).
+pub fn placed_events_applied(order_id: &str) -> usize {
+    captured_logs()
+        .lines()
+        .iter()
+        .filter(|line| {
+            line["service"] == inventory_service::SERVICE
+                && line["msg"] == "order event applied"
+                && line["event"] == "order.placed"
+                && line["order_id"] == order_id
+        })
+        .count()
 }
 
 /// A fresh correlation ID for one test request, recognisable in the logs.
@@ -256,7 +273,10 @@ impl StackBuilder {
         }
         let env_for = |svc: Svc, urls: &[(&str, String)]| -> Env {
             let database_url = match &data_dir {
-                Some(dir) => format!("sqlite://{}", dir.path.join(format!("{}.db", svc.name())).display()),
+                Some(dir) => format!(
+                    "sqlite://{}",
+                    dir.path.join(format!("{}.db", svc.name())).display()
+                ),
                 None => "sqlite::memory:".to_owned(),
             };
             let amqp = broker_links
@@ -623,17 +643,29 @@ impl ServiceSettings {
             Self::Order(settings) => {
                 let app = order_service::startup::Application::build(settings.clone()).await?;
                 let (port, broker) = (app.port(), app.broker().clone());
-                (port, tokio::spawn(app.run_until(shutdown.clone())), Some(broker))
+                (
+                    port,
+                    tokio::spawn(app.run_until(shutdown.clone())),
+                    Some(broker),
+                )
             }
             Self::Inventory(settings) => {
                 let app = inventory_service::startup::Application::build(settings.clone()).await?;
                 let (port, broker) = (app.port(), app.broker().clone());
-                (port, tokio::spawn(app.run_until(shutdown.clone())), Some(broker))
+                (
+                    port,
+                    tokio::spawn(app.run_until(shutdown.clone())),
+                    Some(broker),
+                )
             }
             Self::Pricing(settings) => {
                 let app = pricing_service::startup::Application::build(settings.clone()).await?;
                 let (port, broker) = (app.port(), app.broker().clone());
-                (port, tokio::spawn(app.run_until(shutdown.clone())), Some(broker))
+                (
+                    port,
+                    tokio::spawn(app.run_until(shutdown.clone())),
+                    Some(broker),
+                )
             }
         };
         Ok(Running {
@@ -699,11 +731,9 @@ impl ServiceHandle {
         );
         // The port was free a moment ago; binding it again only fails if another test's
         // listener took it in between, which a second try does not fix, so fail loudly.
-        let running = self
-            .settings
-            .start()
-            .await
-            .unwrap_or_else(|e| panic!("{} restarts on port {}: {e:#}", self.svc.name(), self.port));
+        let running = self.settings.start().await.unwrap_or_else(|e| {
+            panic!("{} restarts on port {}: {e:#}", self.svc.name(), self.port)
+        });
         assert_eq!(running.port, self.port, "restarted on the same port");
         self.broker = running.broker.clone();
         self.running = Some(running);
@@ -769,7 +799,9 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a free port is available");
-        let addr = listener.local_addr().expect("a bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
         Self {
             addr,
             target,
@@ -780,7 +812,8 @@ impl TcpProxy {
     /// `amqp_url` with its host and port replaced by this proxy's.
     pub fn amqp_url(&self, amqp_url: &str) -> String {
         let mut url = url::Url::parse(amqp_url).expect("AMQP_URL is a URL");
-        url.set_host(Some("127.0.0.1")).expect("an AMQP URL has a host");
+        url.set_host(Some("127.0.0.1"))
+            .expect("an AMQP URL has a host");
         url.set_port(Some(self.addr.port()))
             .expect("an AMQP URL has a port");
         url.to_string()

@@ -86,10 +86,7 @@ async fn an_order_replayed_with_the_same_idempotency_key_is_the_same_order_reser
 
     assert_eq!(replay, first);
     let stock = stack.stock("TS-33").await;
-    assert_eq!(
-        stock["available"], 22,
-        "25 in stock, 3 taken once: {stock}"
-    );
+    assert_eq!(stock["available"], 22, "25 in stock, 3 taken once: {stock}");
 
     stack.teardown().await;
 }
@@ -143,7 +140,8 @@ async fn a_cancelled_order_eventually_returns_its_stock() {
     assert_eq!(stack.order(id).await["status"], "cancelled");
     // Released asynchronously: order.cancelled reaches inventory through the broker.
     assert_eventually!(
-        stack.stock("MG-07").await == json!({ "sku": "MG-07", "onHand": 50, "reserved": 0, "available": 50 }),
+        stack.stock("MG-07").await
+            == json!({ "sku": "MG-07", "onHand": 50, "reserved": 0, "available": 50 }),
         "MG-07 is back to 50 on hand, none reserved: {}",
         stack.stock("MG-07").await
     );
