@@ -81,42 +81,40 @@ fn body_problem(rejection: &BytesRejection) -> Problem {
     }
 }
 
-/// An upstream's 4xx is the answer to our caller's request (unknown order, short stock, invalid
-/// price), so it passes through with its status and problem document; the upstream already tagged
-/// it with the same correlation ID. Anything else is the dependency failing, which the caller
-/// sees as `502`/`503`/`504` from [`ClientError::to_problem`], with the cause only in our log.
+/// Whether `error` is a dependency refusing our caller's request (a 4xx: unknown order, short
+/// stock, invalid price) rather than failing. `429` is the exception: a busy internal service is
+/// not the caller's doing, so it is treated as the dependency being unavailable.
+pub fn is_refusal(error: &ClientError) -> bool {
+    error
+        .status()
+        .is_some_and(|s| s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// A refusal is the answer to our caller's request, so it passes through with its status and
+/// problem document (the upstream already tagged it with the same correlation ID). Anything else is
+/// the dependency failing, which the caller sees as `502`/`503`/`504` from
+/// [`ClientError::to_problem`], with the cause only in our log.
 fn upstream_response(error: &ClientError) -> Response {
-    if let ClientError::Status {
-        status,
-        body,
-        retry_after,
-        ..
-    } = error
-        && status.is_client_error()
-    {
-        let mut response = if is_json_object(body) {
-            let mut response = (*status, body.clone()).into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(problem::CONTENT_TYPE),
-            );
-            response
-        } else {
-            // Not a problem document (a bare 405, say): answer with one of our own instead.
-            Problem::new(*status, status.canonical_reason().unwrap_or("Client error"))
-                .into_response()
-        };
-        if let Some(after) = retry_after {
-            // A 429 tells the caller when to come back; keep that.
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    match error {
+        ClientError::Status { status, body, .. } if is_refusal(error) => {
+            if is_json_object(body) {
+                let mut response = (*status, body.clone()).into_response();
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(problem::CONTENT_TYPE),
+                );
+                response
+            } else {
+                // Not a problem document (a bare 405, say): answer with one of our own instead.
+                Problem::new(*status, status.canonical_reason().unwrap_or("Client error"))
+                    .into_response()
+            }
         }
-        return response;
+        _ => {
+            tracing::warn!(%error, "upstream call failed");
+            error.to_problem().into_response()
+        }
     }
-    tracing::warn!(%error, "upstream call failed");
-    error.to_problem().into_response()
 }
 
 fn is_json_object(body: &[u8]) -> bool {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use shared::client::{ClientError, ClientRequest};
 use shared::money::Money;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, is_refusal};
 use crate::forward::segment;
 use crate::state::AppState;
 
@@ -119,8 +119,9 @@ fn both_failed(sku: String, price: ClientError, stock: ClientError) -> ApiError 
 /// higher: a `504` means work may still be running somewhere, which a client must treat more
 /// carefully than a `503` (nothing happened, come back later) or a `502` (a bad answer).
 fn severity(error: &ClientError) -> u16 {
-    match error.status() {
-        Some(status) if status.is_client_error() => 0,
-        _ => error.to_problem().status,
+    if is_refusal(error) {
+        0
+    } else {
+        error.to_problem().status
     }
 }

@@ -130,8 +130,13 @@ async fn an_invalid_correlation_id_is_replaced_by_a_uuid_that_travels_upstream()
         "{echoed} is not a UUID"
     );
     let received = received_at(&app.order, "/orders/o-1").await;
-    assert_eq!(received.len(), 1);
-    assert_eq!(received[0].headers["x-correlation-id"], echoed.as_str());
+    assert!(
+        received.iter().any(|r| r
+            .headers
+            .get("x-correlation-id")
+            .is_some_and(|v| v == echoed.as_str())),
+        "order-service never saw {echoed}"
+    );
 }
 
 #[tokio::test]
@@ -141,7 +146,6 @@ async fn a_correlation_id_is_minted_when_none_is_sent() {
         .and(path("/prices/BK-12"))
         .and(header_exists_as_uuid())
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "sku": "BK-12" })))
-        .expect(1)
         .mount(&app.pricing)
         .await;
 
@@ -157,7 +161,13 @@ async fn a_correlation_id_is_minted_when_none_is_sent() {
         "{minted} is not a UUID"
     );
     let received = received_at(&app.pricing, "/prices/BK-12").await;
-    assert_eq!(received[0].headers["x-correlation-id"], minted.as_str());
+    assert!(
+        received.iter().any(|r| r
+            .headers
+            .get("x-correlation-id")
+            .is_some_and(|v| v == minted.as_str())),
+        "pricing never saw {minted}"
+    );
 }
 
 fn header_exists_as_uuid() -> impl wiremock::Match {

@@ -76,8 +76,10 @@ async fn an_order_post_with_a_key_is_retried_after_a_transient_failure() {
 #[tokio::test]
 async fn an_order_post_without_a_key_is_never_retried() {
     let app = spawn_app().await;
+    // Counted by correlation ID, so only this test's requests are counted.
     Mock::given(method("POST"))
         .and(path("/orders"))
+        .and(header("x-correlation-id", "no-key-1"))
         .respond_with(ResponseTemplate::new(503))
         .expect(1)
         .mount(&app.order)
@@ -85,6 +87,7 @@ async fn an_order_post_without_a_key_is_never_retried() {
 
     let response = app
         .post("/api/orders")
+        .header("x-correlation-id", "no-key-1")
         .json(&json!({ "items": [{ "sku": "MG-07", "qty": 1 }] }))
         .send()
         .await
