@@ -49,7 +49,9 @@ impl<'de> Deserialize<'de> for Money {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = f64::deserialize(deserializer)?;
         let cents = (value * 100.0).round();
-        if !cents.is_finite() || cents < 0.0 || cents > 1e15 || (value * 100.0 - cents).abs() > 1e-6
+        if !cents.is_finite()
+            || !(0.0..=1e15).contains(&cents)
+            || (value * 100.0 - cents).abs() > 1e-6
         {
             return Err(serde::de::Error::custom(
                 "expected a non-negative amount with at most two decimals",
