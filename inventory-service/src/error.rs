@@ -1,11 +1,31 @@
 //! The HTTP error type: every failure a handler can answer, mapped to problem+json.
 
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use shared::problem::Problem;
 use uuid::Uuid;
 
 use crate::store::StoreError;
+
+/// A caller told the database is busy comes back after this long: the write lock is held for
+/// milliseconds at a time, so a second is ample, and the resilient client honours it.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Whether `error` means "the write lock or a pooled connection was not free in time" (SQLite's
+/// `BUSY` and `LOCKED`, whose extended codes keep the primary code in the low byte): the request
+/// can succeed if retried, so it is a `503`, not a `500`.
+fn is_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
 
 /// Everything a handler can fail with. Internal causes are logged, never sent.
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +111,62 @@ impl IntoResponse for ApiError {
             Self::Invalid(reason) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request").detail(reason)
             }
+            Self::Storage(StoreError::Database(cause)) if is_busy(cause) => {
+                tracing::warn!(error = %cause, "storage busy");
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Storage busy")
+                    .detail("the database is busy; retry shortly")
+                    .retry_after(BUSY_RETRY_AFTER)
+            }
             Self::Storage(cause) => {
                 tracing::error!(error = %cause, "storage failure");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
             }
         };
         problem.into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        serde_json::from_slice(&bytes).expect("problem JSON")
+    }
+
+    #[tokio::test]
+    async fn a_shortage_is_a_409_naming_sku_requested_and_available() {
+        let response = ApiError::InsufficientStock {
+            sku: "HD-44".to_owned(),
+            requested: 4,
+            available: 3,
+        }
+        .into_response();
+
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let problem = body(response).await;
+        assert_eq!(problem["sku"], "HD-44");
+        assert_eq!(problem["requested"], 4);
+        assert_eq!(problem["available"], 3);
+    }
+
+    #[tokio::test]
+    async fn a_busy_database_is_a_503_to_retry_and_other_failures_a_500_that_hides_the_cause() {
+        let busy = ApiError::Storage(StoreError::Database(sqlx::Error::PoolTimedOut));
+        let broken = ApiError::Storage(StoreError::Database(sqlx::Error::Protocol(
+            "secret internals".to_owned(),
+        )));
+
+        let busy = busy.into_response();
+        let broken = broken.into_response();
+
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[http::header::RETRY_AFTER], "1");
+        assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let problem = body(broken).await;
+        assert!(!problem.to_string().contains("secret"), "{problem}");
     }
 }

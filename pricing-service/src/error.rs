@@ -1,10 +1,30 @@
 //! The HTTP error type: every failure a handler can answer, mapped to problem+json.
 
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use shared::problem::Problem;
 
 use crate::store::StoreError;
+
+/// A caller told the database is busy comes back after this long: the write lock is held for
+/// milliseconds at a time, so a second is ample, and the resilient client honours it.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Whether `error` means "the write lock or a pooled connection was not free in time" (SQLite's
+/// `BUSY` and `LOCKED`, whose extended codes keep the primary code in the low byte): the request
+/// can succeed if retried, so it is a `503`, not a `500`.
+fn is_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
 
 /// Everything a handler can fail with. Internal causes are logged, never sent.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +48,12 @@ impl IntoResponse for ApiError {
                 .with("sku", sku),
             Self::Invalid(reason) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request").detail(reason)
+            }
+            Self::Storage(StoreError::Database(cause)) if is_busy(cause) => {
+                tracing::warn!(error = %cause, "storage busy");
+                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Storage busy")
+                    .detail("the database is busy; retry shortly")
+                    .retry_after(BUSY_RETRY_AFTER)
             }
             Self::Storage(cause) => {
                 tracing::error!(error = %cause, "storage failure");

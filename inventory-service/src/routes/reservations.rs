@@ -54,7 +54,10 @@ impl From<&Reservation> for ReserveResponse {
 
 /// Reserves units of a SKU until the order is placed or the reservation expires. With an
 /// `Idempotency-Key`, a replay answers the first successful reservation again and reserves
-/// nothing more (a refused reservation is not remembered: its replay is evaluated afresh).
+/// nothing more, even if that reservation has since been released or expired (the answer is
+/// about the request, like any idempotent replay). A refused reservation is not remembered: its
+/// replay is evaluated afresh. A key reused for a different sku or qty is a client bug and is
+/// refused with `422` rather than silently answered with another request's reservation.
 pub async fn reserve_stock(
     State(state): State<AppState>,
     headers: HeaderMap,
