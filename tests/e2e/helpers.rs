@@ -377,12 +377,12 @@ impl StackBuilder {
                 .no_proxy()
                 .build()
                 .expect("an HTTP client builds"),
-            namespace,
             services: vec![inventory, pricing, order, gateway],
             broker_links,
             faulty,
             _hanging: hanging,
             _data_dir: data_dir,
+            torn_down: false,
         };
         for svc in [Svc::Inventory, Svc::Pricing, Svc::Order, Svc::Gateway] {
             stack.wait_until_ready(svc).await;
@@ -397,13 +397,12 @@ pub struct TestStack {
     pub gateway_url: String,
     /// An HTTP client for the test's own requests.
     pub client: reqwest::Client,
-    /// The broker namespace of this stack (`t-<uuid>`).
-    pub namespace: String,
     services: Vec<ServiceHandle>,
     broker_links: Vec<(Svc, TcpProxy)>,
     faulty: Option<FaultyProxy>,
     _hanging: Option<HangingUpstream>,
     _data_dir: Option<TestDir>,
+    torn_down: bool,
 }
 
 impl TestStack {
@@ -594,6 +593,52 @@ impl TestStack {
                     .unwrap_or_else(|e| panic!("deleting {}'s topology: {e}", service.svc.name()));
             }
         }
+        self.torn_down = true;
+    }
+}
+
+/// How long a failed test may spend deleting its broker topology: a local broker deletes a
+/// handful of queues in milliseconds; the bound only keeps a wedged broker from hanging the run.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(10);
+
+impl Drop for TestStack {
+    /// A test that panicked never reached [`TestStack::teardown`]: delete its queues anyway, so
+    /// failed runs do not leave durable queues behind in the development broker.
+    ///
+    /// The test's runtime cannot be used from `drop`, so this runs on a runtime of its own in a
+    /// separate thread, while the test runtime's workers (the tests use the multi-thread flavour)
+    /// still let the services' broker supervisors stop.
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        let brokers: Vec<Broker> = self
+            .services
+            .iter()
+            .filter_map(|s| s.broker.clone())
+            .collect();
+        let links = std::mem::take(&mut self.broker_links);
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let _ = tokio::time::timeout(CLEANUP_BUDGET, async {
+                    for (_, link) in &links {
+                        link.sever().await;
+                        link.restore().await;
+                    }
+                    for broker in brokers {
+                        let _ = broker.delete_topology().await;
+                    }
+                })
+                .await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
