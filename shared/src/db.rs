@@ -122,10 +122,10 @@ pub async fn connect_with(
             .max_lifetime(None)
     } else {
         // `create_if_missing` creates the file, not its directory (`data/` by default).
-        if let Some(parent) = options.get_filename().parent() {
-            if !parent.as_os_str().is_empty() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
+        if let Some(parent) = options.get_filename().parent()
+            && !parent.as_os_str().is_empty()
+        {
+            tokio::fs::create_dir_all(parent).await?;
         }
         SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS)
     }

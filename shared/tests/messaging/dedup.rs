@@ -1,0 +1,79 @@
+//! A duplicate delivery has one effect: the consumer's inbox records the message ID in the same
+//! transaction as the effect.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::future::BoxFuture;
+use shared::messaging::{Handler, HandlerError, IncomingMessage, OutgoingMessage};
+use shared::{db, inbox};
+use sqlx::{Row, SqlitePool};
+
+use crate::assert_eventually;
+use crate::helpers::{TestBroker, consumer, price_changed, settings};
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "inbox", inbox::MIGRATION),
+    (
+        2,
+        "effects",
+        "CREATE TABLE effects (message_id TEXT NOT NULL);",
+    ),
+];
+
+/// Applies each message's effect once, however often it is delivered.
+struct Idempotent {
+    pool: SqlitePool,
+    deliveries: AtomicUsize,
+}
+
+impl Handler for Idempotent {
+    fn handle(&self, message: IncomingMessage) -> BoxFuture<'_, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let transient = |e: sqlx::Error| HandlerError::Transient(e.to_string());
+            let mut tx = db::begin_write(&self.pool).await.map_err(transient)?;
+            if inbox::record(&mut tx, message.message_id)
+                .await
+                .map_err(transient)?
+            {
+                sqlx::query("INSERT INTO effects (message_id) VALUES (?)")
+                    .bind(message.message_id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(transient)?;
+            }
+            tx.commit().await.map_err(transient)?;
+            self.deliveries.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
+    let pool = db::connect("sqlite::memory:", MIGRATIONS)
+        .await
+        .expect("opens");
+    let handler = Arc::new(Idempotent {
+        pool: pool.clone(),
+        deliveries: AtomicUsize::new(0),
+    });
+    let test = TestBroker::connected(settings(), vec![consumer(handler.clone())]).await;
+    let message = OutgoingMessage::new(&price_changed("MG-07")).expect("serialises");
+
+    let publisher = test.broker.publisher();
+    publisher.publish(message.clone()).await.expect("confirmed");
+    publisher.publish(message.clone()).await.expect("confirmed");
+
+    assert_eventually!(
+        handler.deliveries.load(Ordering::SeqCst) == 2,
+        "both deliveries should be handled"
+    );
+    let effects = sqlx::query("SELECT count(*) AS n FROM effects")
+        .fetch_one(&pool)
+        .await
+        .expect("counts")
+        .get::<i64, _>("n");
+    assert_eq!(effects, 1);
+    test.cleanup().await;
+}

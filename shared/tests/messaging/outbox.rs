@@ -1,0 +1,55 @@
+//! The outbox relay publishes committed rows in order and marks them sent.
+
+use shared::db;
+use shared::events::PriceChanged;
+use shared::outbox::{self, OutboxRelay};
+use tokio_util::sync::CancellationToken;
+
+use crate::assert_eventually;
+use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
+
+#[tokio::test]
+async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
+    let pool = db::connect("sqlite::memory:", &[(1, "outbox", outbox::MIGRATION)])
+        .await
+        .expect("opens");
+    let recorder = Recorder::accepting();
+    let mut settings = settings();
+    // One message at a time, so handling order shows publishing order.
+    settings.prefetch = 1;
+    let test = TestBroker::connected(settings, vec![consumer(recorder.clone())]).await;
+    let relay = OutboxRelay::new(pool.clone(), test.broker.publisher());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(stop.clone()));
+
+    let skus: Vec<String> = (0..300).map(|i| format!("SKU-{i:03}")).collect();
+    let mut tx = db::begin_write(&pool).await.expect("begins");
+    for sku in &skus {
+        outbox::enqueue(&mut tx, &price_changed(sku))
+            .await
+            .expect("enqueues");
+    }
+    tx.commit().await.expect("commits");
+    relay.notify();
+
+    assert_eventually!(
+        recorder.count() == skus.len(),
+        "{} of {} consumed",
+        recorder.count(),
+        skus.len()
+    );
+    let consumed: Vec<String> = recorder
+        .seen()
+        .iter()
+        .map(|s| s.message.decode::<PriceChanged>().expect("decodes").sku)
+        .collect();
+    assert_eq!(consumed, skus);
+    assert_eventually!(
+        outbox::pending(&pool).await.expect("counts") == 0,
+        "rows are still unsent"
+    );
+
+    stop.cancel();
+    running.await.expect("the relay stops");
+    test.cleanup().await;
+}

@@ -1,0 +1,111 @@
+//! Transient failures are retried through the retry queue; permanent ones go to the DLQ.
+
+use shared::correlation::{self, CorrelationId};
+use shared::messaging::{HandlerError, OutgoingMessage, dlq};
+
+use crate::assert_eventually;
+use crate::helpers::{
+    QUEUE, Recorder, TestBroker, consumer, failing_first, price_changed, settings,
+};
+
+#[tokio::test]
+async fn a_handler_failing_twice_is_retried_and_the_message_processed_once() {
+    let recorder = Recorder::with(failing_first(2));
+    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let message = OutgoingMessage::new(&price_changed("TS-33")).expect("serialises");
+
+    test.broker
+        .publisher()
+        .publish(message.clone())
+        .await
+        .expect("confirmed");
+
+    assert_eventually!(recorder.count() == 3, "saw {} attempts", recorder.count());
+    let seen = recorder.seen();
+    let attempts: Vec<u32> = seen.iter().map(|s| s.message.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    assert!(
+        seen.iter()
+            .all(|s| s.message.message_id == message.message_id)
+    );
+    let dead = dlq::list(&test.settings, QUEUE, 10).await.expect("lists");
+    assert!(dead.is_empty(), "{dead:?}");
+    test.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers() {
+    let recorder = Recorder::with(|_| Err(HandlerError::Transient("always".to_owned())));
+    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let id = CorrelationId::parse("corr-doomed").expect("valid");
+    let message = correlation::scope(id, async {
+        OutgoingMessage::new(&price_changed("HD-44")).expect("serialises")
+    })
+    .await;
+
+    test.broker
+        .publisher()
+        .publish(message.clone())
+        .await
+        .expect("confirmed");
+
+    // One first attempt plus `max_retries` retries, then the DLQ.
+    let attempts = 1 + test.settings.max_retries as usize;
+    let dead = async { dlq::list(&test.settings, QUEUE, 10).await.expect("lists") };
+    assert_eventually!(
+        recorder.count() == attempts,
+        "saw {} attempts",
+        recorder.count()
+    );
+    let mut letters = dead.await;
+    for _ in 0..50 {
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        letters = dlq::list(&test.settings, QUEUE, 10).await.expect("lists");
+    }
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(
+        letter.message_id.as_deref(),
+        Some(message.message_id.to_string().as_str())
+    );
+    assert_eq!(letter.event_type.as_deref(), Some("price.changed"));
+    assert_eq!(letter.correlation_id.as_deref(), Some("corr-doomed"));
+    assert_eq!(letter.reason.as_deref(), Some("rejected"));
+    let queue = format!("{}.{QUEUE}", test.settings.namespace);
+    assert_eq!(letter.death_queue.as_deref(), Some(queue.as_str()));
+    assert!(
+        letter.body_preview.contains("HD-44"),
+        "{}",
+        letter.body_preview
+    );
+    // Nothing is handled again once it is parked.
+    assert_eq!(recorder.count(), attempts);
+    test.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_goes_to_the_dlq_without_retries() {
+    let recorder = Recorder::with(|_| Err(HandlerError::Permanent("invalid".to_owned())));
+    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let message = OutgoingMessage::new(&price_changed("ST-01")).expect("serialises");
+
+    test.broker
+        .publisher()
+        .publish(message)
+        .await
+        .expect("confirmed");
+
+    assert_eventually!(
+        dlq::list(&test.settings, QUEUE, 10)
+            .await
+            .expect("lists")
+            .len()
+            == 1,
+        "the message never reached the DLQ"
+    );
+    assert_eq!(recorder.count(), 1);
+    test.cleanup().await;
+}
