@@ -4,6 +4,7 @@
 //! tool (`cargo run -p shared --bin dlq -- list <queue>`) or from a test. Queue names are given
 //! without the namespace (`inventory.order-events`); the settings' namespace is applied.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lapin::options::{
@@ -41,6 +42,8 @@ pub struct DeadLetter {
     pub death_queue: Option<String>,
     /// When it was published, RFC 3339.
     pub published_at: Option<String>,
+    /// The message's headers as text, except `x-death` (summarised above).
+    pub headers: BTreeMap<String, String>,
     /// The first [`PREVIEW_CHARS`] characters of the body.
     pub body_preview: String,
 }
@@ -232,7 +235,7 @@ async fn republish(
 
 fn reset_attempt(properties: &BasicProperties) -> BasicProperties {
     let headers = properties.headers().clone().unwrap_or_default();
-    let kept: std::collections::BTreeMap<_, _> = headers
+    let kept: BTreeMap<_, _> = headers
         .inner()
         .iter()
         .filter(|(key, _)| key.as_str() != HEADER_ATTEMPT)
@@ -274,6 +277,12 @@ fn describe(properties: &BasicProperties, body: &[u8]) -> DeadLetter {
         death_count: death("count").and_then(|v| envelope::as_u64(&v)),
         death_queue: death("queue").map(|v| envelope::value_text(&v)),
         published_at: properties.timestamp().map(envelope::timestamp_text),
+        headers: headers
+            .inner()
+            .iter()
+            .filter(|(key, _)| key.as_str() != "x-death")
+            .map(|(key, value)| (key.to_string(), envelope::value_text(value)))
+            .collect(),
         body_preview: String::from_utf8_lossy(body)
             .chars()
             .take(PREVIEW_CHARS)

@@ -81,3 +81,25 @@ async fn startup_waits_for_an_absent_broker_and_connects_when_it_appears() {
     assert_eventually!(@ std::time::Duration::from_secs(30), test.broker.is_connected(), "never connected");
     test.cleanup().await;
 }
+
+#[tokio::test]
+async fn shutdown_closes_the_connection_and_turns_readiness_off() {
+    let test = TestBroker::connected(settings(), vec![consumer(Recorder::accepting())]).await;
+
+    test.shutdown.cancel();
+
+    tokio::time::timeout(std::time::Duration::from_secs(15), test.broker.stopped())
+        .await
+        .expect("the supervisor stops within its drain bounds");
+    assert!(!test.broker.is_connected());
+    let after = test
+        .broker
+        .publisher()
+        .publish(OutgoingMessage::new(&price_changed("LATE")).expect("serialises"))
+        .await;
+    assert!(
+        matches!(after, Err(PublishError::Disconnected)),
+        "{after:?}"
+    );
+    test.cleanup().await;
+}

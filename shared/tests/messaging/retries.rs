@@ -51,21 +51,20 @@ async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers() {
 
     // One first attempt plus `max_retries` retries, then the DLQ.
     let attempts = 1 + test.settings.max_retries as usize;
-    let dead = async { dlq::list(&test.settings, QUEUE, 10).await.expect("lists") };
     assert_eventually!(
         recorder.count() == attempts,
         "saw {} attempts",
         recorder.count()
     );
-    let mut letters = dead.await;
-    for _ in 0..50 {
-        if !letters.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        letters = dlq::list(&test.settings, QUEUE, 10).await.expect("lists");
-    }
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eventually!(
+        dlq::list(&test.settings, QUEUE, 10)
+            .await
+            .expect("lists")
+            .len()
+            == 1,
+        "the message never reached the DLQ"
+    );
+    let letters = dlq::list(&test.settings, QUEUE, 10).await.expect("lists");
     let letter = &letters[0];
     assert_eq!(
         letter.message_id.as_deref(),
@@ -73,7 +72,11 @@ async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers() {
     );
     assert_eq!(letter.event_type.as_deref(), Some("price.changed"));
     assert_eq!(letter.correlation_id.as_deref(), Some("corr-doomed"));
+    assert_eq!(letter.headers["x-correlation-id"], "corr-doomed");
+    assert_eq!(letter.headers["x-schema-version"], "1");
+    assert_eq!(letter.headers["x-attempt"], attempts.to_string());
     assert_eq!(letter.reason.as_deref(), Some("rejected"));
+    assert_eq!(letter.death_count, Some(1));
     let queue = format!("{}.{QUEUE}", test.settings.namespace);
     assert_eq!(letter.death_queue.as_deref(), Some(queue.as_str()));
     assert!(
