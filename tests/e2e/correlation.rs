@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::assert_eventually;
-use crate::helpers::{Svc, logs_for, new_correlation_id, spawn_stack};
+use crate::helpers::{Service, logs_for, new_correlation_id, spawn_stack};
 
 /// Whether `lines` hold one from `service` whose `msg` is `msg`.
 fn has_line(lines: &[Value], service: &str, msg: &str) -> bool {
@@ -42,10 +42,10 @@ async fn a_client_correlation_id_appears_in_the_log_lines_of_every_http_hop() {
     );
     let lines = logs_for(&correlation_id);
     let expected = [
-        (Svc::Gateway, "POST /api/orders"),
-        (Svc::Order, "POST /orders"),
-        (Svc::Pricing, "GET /prices/BK-12"),
-        (Svc::Inventory, "POST /reserve"),
+        (Service::Gateway, "POST /api/orders"),
+        (Service::Order, "POST /orders"),
+        (Service::Pricing, "GET /prices/BK-12"),
+        (Service::Inventory, "POST /reserve"),
     ];
     for (svc, msg) in expected {
         assert!(
@@ -80,8 +80,8 @@ async fn a_client_correlation_id_appears_in_the_consumers_log_lines_of_the_event
     assert_eventually!(
         {
             let lines = logs_for(&correlation_id);
-            has_line(&lines, Svc::Inventory.name(), "order event applied")
-                && has_line(&lines, Svc::Pricing.name(), "units sold recorded")
+            has_line(&lines, Service::Inventory.name(), "order event applied")
+                && has_line(&lines, Service::Pricing.name(), "units sold recorded")
         },
         "the consumers logged their work with the client's correlation ID; its lines: {:#?}",
         summary(&logs_for(&correlation_id))

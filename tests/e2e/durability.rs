@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::assert_eventually;
-use crate::helpers::{StackBuilder, Svc, TestStack, placed_events_applied, spawn_stack};
+use crate::helpers::{Service, StackBuilder, TestStack, placed_events_applied, spawn_stack};
 
 /// Everything a client or operator can see of the stack's state.
 async fn snapshot(stack: &TestStack, order_ids: &[&str]) -> Value {
@@ -15,7 +15,7 @@ async fn snapshot(stack: &TestStack, order_ids: &[&str]) -> Value {
     }
     let stock: Value = stack
         .client
-        .get(format!("{}/stock", stack.url_of(Svc::Inventory)))
+        .get(format!("{}/stock", stack.url_of(Service::Inventory)))
         .send()
         .await
         .expect("GET /stock")
@@ -30,7 +30,7 @@ async fn snapshot(stack: &TestStack, order_ids: &[&str]) -> Value {
         .expect("price JSON");
     let all_prices: Value = stack
         .client
-        .get(format!("{}/prices", stack.url_of(Svc::Pricing)))
+        .get(format!("{}/prices", stack.url_of(Service::Pricing)))
         .send()
         .await
         .expect("GET /prices")
@@ -66,7 +66,7 @@ async fn every_order_reservation_and_price_is_as_before_after_every_service_rest
     // A reservation no order has committed yet: it must survive as a reservation.
     let held: Value = stack
         .client
-        .post(format!("{}/reserve", stack.url_of(Svc::Inventory)))
+        .post(format!("{}/reserve", stack.url_of(Service::Inventory)))
         .json(&json!({ "sku": "ST-01", "qty": 7 }))
         .send()
         .await
@@ -98,7 +98,7 @@ async fn every_order_reservation_and_price_is_as_before_after_every_service_rest
     assert_eq!(stack.stock("ST-01").await["reserved"], 7);
     let released = stack
         .client
-        .post(format!("{}/release", stack.url_of(Svc::Inventory)))
+        .post(format!("{}/release", stack.url_of(Service::Inventory)))
         .json(&json!({ "reservationId": held_id }))
         .send()
         .await
@@ -116,9 +116,9 @@ async fn every_order_reservation_and_price_is_as_before_after_every_service_rest
 #[tokio::test(flavor = "multi_thread")]
 async fn events_committed_but_not_published_before_a_stop_are_published_after_the_restart() {
     let mut stack = StackBuilder::new().durable().spawn().await;
-    stack.broker_link(Svc::Order).sever().await;
+    stack.broker_link(Service::Order).sever().await;
     assert_eventually!(
-        !stack.is_ready(Svc::Order).await,
+        !stack.is_ready(Service::Order).await,
         "order-service notices it lost the broker"
     );
 
@@ -133,9 +133,9 @@ async fn events_committed_but_not_published_before_a_stop_are_published_after_th
         json!({ "sku": "BK-12", "onHand": 100, "reserved": 3, "available": 97 })
     );
 
-    stack.stop(Svc::Order).await;
-    stack.broker_link(Svc::Order).restore().await;
-    stack.restart(Svc::Order).await;
+    stack.stop(Service::Order).await;
+    stack.broker_link(Service::Order).restore().await;
+    stack.restart(Service::Order).await;
 
     assert_eventually!(
         stack.stock("BK-12").await
@@ -161,13 +161,13 @@ async fn events_committed_but_not_published_before_a_stop_are_published_after_th
 #[tokio::test(flavor = "multi_thread")]
 async fn orders_accepted_while_the_broker_is_away_are_delivered_once_it_returns() {
     let stack = spawn_stack().await;
-    for svc in Svc::WITH_BROKER {
+    for svc in Service::WITH_BROKER {
         stack.broker_link(svc).sever().await;
     }
     assert_eventually!(
-        !stack.is_ready(Svc::Order).await
-            && !stack.is_ready(Svc::Inventory).await
-            && !stack.is_ready(Svc::Pricing).await,
+        !stack.is_ready(Service::Order).await
+            && !stack.is_ready(Service::Inventory).await
+            && !stack.is_ready(Service::Pricing).await,
         "no service with a broker connection is ready"
     );
 
@@ -177,7 +177,7 @@ async fn orders_accepted_while_the_broker_is_away_are_delivered_once_it_returns(
         ids.push(order["id"].as_str().expect("an id").to_owned());
     }
 
-    for svc in Svc::WITH_BROKER {
+    for svc in Service::WITH_BROKER {
         stack.broker_link(svc).restore().await;
     }
     assert_eventually!(

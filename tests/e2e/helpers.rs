@@ -47,7 +47,7 @@ pub const POLL: Duration = Duration::from_millis(50);
 ///
 /// ```ignore
 /// assert_eventually!(stack.stock("BK-12").await["reserved"] == 0, "BK-12 is committed");
-/// assert_eventually!(within = Duration::from_secs(2), stack.is_ready(Svc::Order).await, "ready");
+/// assert_eventually!(within = Duration::from_secs(2), stack.is_ready(Service::Order).await, "ready");
 /// ```
 #[macro_export]
 macro_rules! assert_eventually {
@@ -158,7 +158,7 @@ impl<'a> MakeWriter<'a> for TestLogWriter {
 
 /// One of the four services.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Svc {
+pub enum Service {
     /// The public edge.
     Gateway,
     /// order-service.
@@ -169,17 +169,17 @@ pub enum Svc {
     Pricing,
 }
 
-impl Svc {
+impl Service {
     /// The services with a broker connection.
-    pub const WITH_BROKER: [Svc; 3] = [Svc::Inventory, Svc::Pricing, Svc::Order];
+    pub const WITH_BROKER: [Service; 3] = [Service::Inventory, Service::Pricing, Service::Order];
 
     /// The `service` field of this service's log lines.
     pub fn name(self) -> &'static str {
         match self {
-            Svc::Gateway => gateway::SERVICE,
-            Svc::Order => order_service::SERVICE,
-            Svc::Inventory => inventory_service::SERVICE,
-            Svc::Pricing => pricing_service::SERVICE,
+            Service::Gateway => gateway::SERVICE,
+            Service::Order => order_service::SERVICE,
+            Service::Inventory => inventory_service::SERVICE,
+            Service::Pricing => pricing_service::SERVICE,
         }
     }
 }
@@ -200,7 +200,7 @@ enum InventoryLink {
 pub struct StackBuilder {
     durable: bool,
     common: Vec<(String, String)>,
-    per_service: Vec<(Svc, String, String)>,
+    per_service: Vec<(Service, String, String)>,
     inventory_link: InventoryLink,
 }
 
@@ -240,7 +240,7 @@ impl StackBuilder {
     }
 
     /// Sets an environment variable for one service (wins over [`StackBuilder::env`]).
-    pub fn env_for(mut self, service: Svc, key: &str, value: impl ToString) -> Self {
+    pub fn env_for(mut self, service: Service, key: &str, value: impl ToString) -> Self {
         self.per_service
             .push((service, key.to_owned(), value.to_string()));
         self
@@ -268,10 +268,10 @@ impl StackBuilder {
         let broker_addr = broker_address(&amqp_url).await;
 
         let mut broker_links = Vec::new();
-        for svc in Svc::WITH_BROKER {
+        for svc in Service::WITH_BROKER {
             broker_links.push((svc, TcpProxy::start(broker_addr).await));
         }
-        let env_for = |svc: Svc, urls: &[(&str, String)]| -> Env {
+        let env_for = |svc: Service, urls: &[(&str, String)]| -> Env {
             let database_url = match &data_dir {
                 Some(dir) => format!(
                     "sqlite://{}",
@@ -308,17 +308,17 @@ impl StackBuilder {
         };
 
         let inventory = ServiceHandle::launch(
-            Svc::Inventory,
+            Service::Inventory,
             ServiceSettings::Inventory(
-                inventory_service::config::Settings::from_env(&env_for(Svc::Inventory, &[]))
+                inventory_service::config::Settings::from_env(&env_for(Service::Inventory, &[]))
                     .expect("inventory test settings are valid"),
             ),
         )
         .await;
         let pricing = ServiceHandle::launch(
-            Svc::Pricing,
+            Service::Pricing,
             ServiceSettings::Pricing(
-                pricing_service::config::Settings::from_env(&env_for(Svc::Pricing, &[]))
+                pricing_service::config::Settings::from_env(&env_for(Service::Pricing, &[]))
                     .expect("pricing test settings are valid"),
             ),
         )
@@ -342,10 +342,10 @@ impl StackBuilder {
             }
         };
         let order = ServiceHandle::launch(
-            Svc::Order,
+            Service::Order,
             ServiceSettings::Order(
                 order_service::config::Settings::from_env(&env_for(
-                    Svc::Order,
+                    Service::Order,
                     &[
                         ("INVENTORY_URL", order_inventory_url),
                         ("PRICING_URL", pricing.url()),
@@ -356,10 +356,10 @@ impl StackBuilder {
         )
         .await;
         let gateway = ServiceHandle::launch(
-            Svc::Gateway,
+            Service::Gateway,
             ServiceSettings::Gateway(
                 gateway::config::Settings::from_env(&env_for(
-                    Svc::Gateway,
+                    Service::Gateway,
                     &[
                         ("ORDER_URL", order.url()),
                         ("INVENTORY_URL", inventory.url()),
@@ -384,7 +384,12 @@ impl StackBuilder {
             _data_dir: data_dir,
             torn_down: false,
         };
-        for svc in [Svc::Inventory, Svc::Pricing, Svc::Order, Svc::Gateway] {
+        for svc in [
+            Service::Inventory,
+            Service::Pricing,
+            Service::Order,
+            Service::Gateway,
+        ] {
             stack.wait_until_ready(svc).await;
         }
         stack
@@ -398,7 +403,7 @@ pub struct TestStack {
     /// An HTTP client for the test's own requests.
     pub client: reqwest::Client,
     services: Vec<ServiceHandle>,
-    broker_links: Vec<(Svc, TcpProxy)>,
+    broker_links: Vec<(Service, TcpProxy)>,
     faulty: Option<FaultyProxy>,
     _hanging: Option<HangingUpstream>,
     _data_dir: Option<TestDir>,
@@ -406,14 +411,14 @@ pub struct TestStack {
 }
 
 impl TestStack {
-    fn service(&self, svc: Svc) -> &ServiceHandle {
+    fn service(&self, svc: Service) -> &ServiceHandle {
         self.services
             .iter()
             .find(|s| s.svc == svc)
             .expect("every service is in the stack")
     }
 
-    fn service_mut(&mut self, svc: Svc) -> &mut ServiceHandle {
+    fn service_mut(&mut self, svc: Service) -> &mut ServiceHandle {
         self.services
             .iter_mut()
             .find(|s| s.svc == svc)
@@ -421,12 +426,12 @@ impl TestStack {
     }
 
     /// `http://127.0.0.1:<port>` of `svc` (internal services are reachable directly in tests).
-    pub fn url_of(&self, svc: Svc) -> String {
+    pub fn url_of(&self, svc: Service) -> String {
         self.service(svc).url()
     }
 
     /// The TCP link between `svc` and the broker, to sever and restore.
-    pub fn broker_link(&self, svc: Svc) -> &TcpProxy {
+    pub fn broker_link(&self, svc: Service) -> &TcpProxy {
         &self
             .broker_links
             .iter()
@@ -486,7 +491,7 @@ impl TestStack {
     pub async fn stock(&self, sku: &str) -> Value {
         let response = self
             .client
-            .get(format!("{}/stock/{sku}", self.url_of(Svc::Inventory)))
+            .get(format!("{}/stock/{sku}", self.url_of(Service::Inventory)))
             .send()
             .await
             .expect("GET /stock/{sku}");
@@ -498,7 +503,7 @@ impl TestStack {
     pub async fn price(&self, sku: &str) -> Value {
         let response = self
             .client
-            .get(format!("{}/prices/{sku}", self.url_of(Svc::Pricing)))
+            .get(format!("{}/prices/{sku}", self.url_of(Service::Pricing)))
             .send()
             .await
             .expect("GET /prices/{sku}");
@@ -515,7 +520,7 @@ impl TestStack {
     }
 
     /// `GET /readyz` of `svc`: the status code and the report.
-    pub async fn readiness(&self, svc: Svc) -> (u16, Value) {
+    pub async fn readiness(&self, svc: Service) -> (u16, Value) {
         let response = self
             .client
             .get(format!("{}/readyz", self.url_of(svc)))
@@ -527,7 +532,7 @@ impl TestStack {
     }
 
     /// Whether `svc` answers `/readyz` with `200`.
-    pub async fn is_ready(&self, svc: Svc) -> bool {
+    pub async fn is_ready(&self, svc: Service) -> bool {
         let request = self
             .client
             .get(format!("{}/readyz", self.url_of(svc)))
@@ -536,7 +541,7 @@ impl TestStack {
     }
 
     /// `GET /metrics` of `svc`, as text.
-    pub async fn metrics(&self, svc: Svc) -> String {
+    pub async fn metrics(&self, svc: Service) -> String {
         self.client
             .get(format!("{}/metrics", self.url_of(svc)))
             .send()
@@ -549,32 +554,42 @@ impl TestStack {
 
     /// Waits until `svc` is ready: its database answers and (for the three with one) its broker
     /// topology is declared, so an event published from then on reaches its queue.
-    pub async fn wait_until_ready(&self, svc: Svc) {
+    pub async fn wait_until_ready(&self, svc: Service) {
         assert_eventually!(self.is_ready(svc).await, "{} is ready", svc.name());
     }
 
     /// Stops `svc` (as on SIGTERM: draining requests, closing its broker connection).
-    pub async fn stop(&mut self, svc: Svc) {
+    pub async fn stop(&mut self, svc: Service) {
         self.service_mut(svc).stop().await;
     }
 
     /// Starts `svc` again on the same port with the same settings (and, in a durable stack, the
     /// same database file), and waits until it is ready.
-    pub async fn restart(&mut self, svc: Svc) {
+    pub async fn restart(&mut self, svc: Service) {
         self.service_mut(svc).restart().await;
         self.wait_until_ready(svc).await;
     }
 
     /// Stops every service, the gateway first and inventory last (the reverse of start-up).
     pub async fn stop_all(&mut self) {
-        for svc in [Svc::Gateway, Svc::Order, Svc::Pricing, Svc::Inventory] {
+        for svc in [
+            Service::Gateway,
+            Service::Order,
+            Service::Pricing,
+            Service::Inventory,
+        ] {
             self.stop(svc).await;
         }
     }
 
     /// Restarts every service in start-up order.
     pub async fn restart_all(&mut self) {
-        for svc in [Svc::Inventory, Svc::Pricing, Svc::Order, Svc::Gateway] {
+        for svc in [
+            Service::Inventory,
+            Service::Pricing,
+            Service::Order,
+            Service::Gateway,
+        ] {
             self.restart(svc).await;
         }
     }
@@ -725,7 +740,7 @@ impl ServiceSettings {
 /// One service of a stack: its settings, its port (kept across restarts) and, while it runs,
 /// its task.
 struct ServiceHandle {
-    svc: Svc,
+    svc: Service,
     settings: ServiceSettings,
     port: u16,
     running: Option<Running>,
@@ -734,7 +749,7 @@ struct ServiceHandle {
 }
 
 impl ServiceHandle {
-    async fn launch(svc: Svc, mut settings: ServiceSettings) -> Self {
+    async fn launch(svc: Service, mut settings: ServiceSettings) -> Self {
         let running = settings
             .start()
             .await

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::assert_eventually;
 use crate::helpers::{
-    Svc, TestStack, logs_for, new_correlation_id, placed_events_applied, spawn_stack,
+    Service, TestStack, logs_for, new_correlation_id, placed_events_applied, spawn_stack,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,7 +53,7 @@ async fn a_changed_price_reaches_the_order_cache_which_prices_orders_while_prici
         "order-service consumed price.changed"
     );
 
-    stack.stop(Svc::Pricing).await;
+    stack.stop(Service::Pricing).await;
     let order = stack.placed(&[("BK-12", 2)]).await;
 
     let line = &order["lines"][0];
@@ -81,13 +81,13 @@ async fn orders_placed_while_the_broker_links_are_cut_are_committed_exactly_once
 
     let mut ids = place_sticker_orders(&stack, 3).await;
     // Cut right behind the last order: its event is likely still on its way.
-    stack.broker_link(Svc::Order).sever().await;
-    stack.broker_link(Svc::Inventory).sever().await;
+    stack.broker_link(Service::Order).sever().await;
+    stack.broker_link(Service::Inventory).sever().await;
     assert_eventually!(
-        !stack.is_ready(Svc::Order).await && !stack.is_ready(Svc::Inventory).await,
+        !stack.is_ready(Service::Order).await && !stack.is_ready(Service::Inventory).await,
         "order-service and inventory report not ready without their broker"
     );
-    let (_, report) = stack.readiness(Svc::Order).await;
+    let (_, report) = stack.readiness(Service::Order).await;
     assert_eq!(report["checks"]["broker"]["ok"], false, "{report}");
 
     let during_cut = place_sticker_orders(&stack, 3).await;
@@ -98,12 +98,12 @@ async fn orders_placed_while_the_broker_links_are_cut_are_committed_exactly_once
     );
     ids.extend(during_cut);
 
-    stack.broker_link(Svc::Order).restore().await;
-    stack.broker_link(Svc::Inventory).restore().await;
+    stack.broker_link(Service::Order).restore().await;
+    stack.broker_link(Service::Inventory).restore().await;
     ids.extend(place_sticker_orders(&stack, 3).await);
 
     assert_eventually!(
-        stack.is_ready(Svc::Order).await && stack.is_ready(Svc::Inventory).await,
+        stack.is_ready(Service::Order).await && stack.is_ready(Service::Inventory).await,
         "both reconnect by themselves"
     );
     assert_eventually!(
@@ -125,18 +125,18 @@ async fn orders_placed_while_the_broker_links_are_cut_are_committed_exactly_once
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_reports_the_broker_connection() {
     let stack = spawn_stack().await;
-    let (status, report): (u16, Value) = stack.readiness(Svc::Inventory).await;
+    let (status, report): (u16, Value) = stack.readiness(Service::Inventory).await;
     assert_eq!(status, 200);
     assert_eq!(report["checks"]["broker"]["ok"], true, "{report}");
 
-    stack.broker_link(Svc::Inventory).sever().await;
+    stack.broker_link(Service::Inventory).sever().await;
     assert_eventually!(
-        stack.readiness(Svc::Inventory).await.0 == 503,
+        stack.readiness(Service::Inventory).await.0 == 503,
         "inventory is not ready while cut off from the broker"
     );
-    stack.broker_link(Svc::Inventory).restore().await;
+    stack.broker_link(Service::Inventory).restore().await;
     assert_eventually!(
-        stack.is_ready(Svc::Inventory).await,
+        stack.is_ready(Service::Inventory).await,
         "inventory is ready again once the link is back"
     );
 

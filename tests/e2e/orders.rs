@@ -1,6 +1,8 @@
 //! Orders through the gateway: placed and read back, refused on short stock, replayed by
 //! idempotency key (sequentially and concurrently), cancelled with the stock coming back.
 
+use std::collections::BTreeSet;
+
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -104,16 +106,15 @@ async fn fifty_concurrent_posts_with_one_key_place_one_order_with_one_reservatio
     }))
     .await;
 
-    let mut ids = Vec::new();
+    let mut ids = BTreeSet::new();
     for response in responses {
         let response = response.expect("POST /api/orders");
         let status = response.status();
         let body: Value = response.json().await.expect("JSON");
         assert_eq!(status, 201, "every concurrent POST gets the order: {body}");
-        ids.push(body["id"].as_str().expect("an id").to_owned());
+        ids.insert(body["id"].as_str().expect("an id").to_owned());
     }
-    ids.dedup();
-    assert_eq!(ids.len(), 1, "one order for one key");
+    assert_eq!(ids.len(), 1, "one order for one key: {ids:?}");
     assert_eq!(stack.stock("BK-12").await["available"], 99);
     assert_eq!(stack.stock("ST-01").await["available"], 490);
 

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::assert_eventually;
-use crate::helpers::{FaultPlan, StackBuilder, Svc, logs_for, new_correlation_id};
+use crate::helpers::{FaultPlan, Service, StackBuilder, logs_for, new_correlation_id};
 
 /// The gateway's default edge budget (`REQUEST_BUDGET_MS`): no answer may take longer.
 const EDGE_BUDGET: Duration = Duration::from_secs(5);
@@ -19,7 +19,7 @@ const EDGE_BUDGET: Duration = Duration::from_secs(5);
 const FAIL_FAST: Duration = Duration::from_millis(500);
 
 async fn inventory_breaker_at_order(stack: &crate::helpers::TestStack) -> String {
-    let (_, report) = stack.readiness(Svc::Order).await;
+    let (_, report) = stack.readiness(Service::Order).await;
     report["checks"]["inventory"]["detail"]["breaker"]
         .as_str()
         .unwrap_or_default()
@@ -36,7 +36,7 @@ async fn with_inventory_stopped_orders_fail_in_time_then_fast_and_recover_when_i
         .spawn()
         .await;
     stack.placed(&[("BK-12", 1)]).await;
-    stack.stop(Svc::Inventory).await;
+    stack.stop(Service::Inventory).await;
 
     let started = Instant::now();
     let response = stack.place_order(&[("BK-12", 1)]).await;
@@ -58,7 +58,7 @@ async fn with_inventory_stopped_orders_fail_in_time_then_fast_and_recover_when_i
         assert!(response.status().is_server_error());
     }
     assert_eq!(inventory_breaker_at_order(&stack).await, "open");
-    let metrics = stack.metrics(Svc::Order).await;
+    let metrics = stack.metrics(Service::Order).await;
     let gauge = metrics
         .lines()
         .find(|l| {
@@ -80,7 +80,7 @@ async fn with_inventory_stopped_orders_fail_in_time_then_fast_and_recover_when_i
         "the open breaker fails fast: {elapsed:?}"
     );
 
-    stack.restart(Svc::Inventory).await;
+    stack.restart(Service::Inventory).await;
     assert_eventually!(
         stack.place_order(&[("BK-12", 1)]).await.status() == 201,
         "orders are placed again once inventory is back"
@@ -100,8 +100,12 @@ async fn a_hanging_inventory_gets_the_client_a_timely_504_from_order_service_not
     let edge_budget = Duration::from_millis(1500);
     let stack = StackBuilder::new()
         .hanging_inventory()
-        .env_for(Svc::Gateway, "REQUEST_BUDGET_MS", edge_budget.as_millis())
-        .env_for(Svc::Order, "HTTP_ATTEMPT_TIMEOUT_MS", 300)
+        .env_for(
+            Service::Gateway,
+            "REQUEST_BUDGET_MS",
+            edge_budget.as_millis(),
+        )
+        .env_for(Service::Order, "HTTP_ATTEMPT_TIMEOUT_MS", 300)
         .spawn()
         .await;
     let correlation_id = new_correlation_id();
