@@ -7,9 +7,10 @@
 //! 2. The circuit breaker (`breaker.rs`) admits the attempt or fails fast with
 //!    [`ClientError::CircuitOpen`].
 //! 3. The attempt goes to the next base URL (round-robin, so a retry lands on another instance)
-//!    with `x-correlation-id`, `x-request-timeout-ms` (what is left of the deadline, minus the
-//!    margin, capped at `attempt_timeout`) and `Idempotency-Key` when the request has one, and is
-//!    abandoned when that attempt budget runs out.
+//!    with `x-correlation-id`, `x-request-timeout-ms` and `Idempotency-Key` when the request has
+//!    one. The attempt is abandoned after `min(attempt_timeout, time left)`; the callee is told
+//!    that minus `deadline_margin`, so its own deadline passes first and its answer (even a `504`
+//!    problem) arrives while this caller still listens: no hop outlives its caller.
 //! 4. A transient failure (connect error, timeout, `429`, `5xx` but `501`) of a request that may be
 //!    sent twice (safe or idempotent method, or an idempotency key) is retried (`retry.rs`) after a
 //!    backoff with full jitter, stretched to honour `Retry-After`, if the retry budget
@@ -362,9 +363,9 @@ impl ResilientClient {
         let mut attempt = 0_u32;
         loop {
             // Checked before every attempt; a retry only starts if its sleep left time (below).
-            let Some(left) = deadline.forwardable(config.deadline_margin) else {
+            if deadline.forwardable(config.deadline_margin).is_none() {
                 return Err(ClientError::DeadlineExceeded { dependency: name });
-            };
+            }
             let permit =
                 inner
                     .breaker
@@ -376,8 +377,13 @@ impl ResilientClient {
             if attempt == 0 {
                 inner.budget.deposit();
             }
-            let budget = left.min(config.attempt_timeout);
-            let error = match self.attempt(request, headers.clone(), budget).await {
+            // We wait up to `wait`, but tell the callee it has `margin` less: its deadline then
+            // passes first, and its answer (even a 504 problem) arrives while we still listen.
+            let wait = deadline.remaining().min(config.attempt_timeout);
+            let forwarded = wait
+                .saturating_sub(config.deadline_margin)
+                .max(Duration::from_millis(1));
+            let error = match self.attempt(request, headers.clone(), wait, forwarded).await {
                 Ok(response) => {
                     permit.record(false);
                     return Ok(response);
@@ -386,7 +392,7 @@ impl ResilientClient {
             };
             permit.record(counts_against_breaker(
                 &error,
-                budget >= config.attempt_timeout,
+                wait >= config.attempt_timeout,
             ));
 
             attempt += 1;
@@ -475,18 +481,20 @@ impl ResilientClient {
         Ok(headers)
     }
 
-    /// One attempt against the next instance, bounded by `budget` (body included).
+    /// One attempt against the next instance: abandoned after `wait` (body included), while the
+    /// callee is told it has `forwarded`.
     async fn attempt(
         &self,
         request: &ClientRequest,
         mut headers: HeaderMap,
-        budget: Duration,
+        wait: Duration,
+        forwarded: Duration,
     ) -> Result<ClientResponse, ClientError> {
         let inner = &*self.inner;
         let name = inner.config.name;
         let index = inner.next_base.fetch_add(1, Ordering::Relaxed) % inner.bases.len();
         let url = format!("{}{}", inner.bases[index], request.path);
-        headers.insert(deadline::HEADER.clone(), Deadline::header_value(budget));
+        headers.insert(deadline::HEADER.clone(), Deadline::header_value(forwarded));
         let mut builder = inner
             .http
             .request(request.method.clone(), url)
@@ -519,7 +527,7 @@ impl ResilientClient {
                 })
             }
         };
-        tokio::time::timeout_at(Instant::now() + budget, exchange)
+        tokio::time::timeout_at(Instant::now() + wait, exchange)
             .await
             .unwrap_or(Err(ClientError::Timeout { dependency: name }))
     }

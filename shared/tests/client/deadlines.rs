@@ -71,7 +71,8 @@ async fn without_a_request_deadline_each_attempt_gets_the_attempt_timeout() {
         .expect("ok");
 
     let requests = received(&upstream).await;
-    assert_eq!(budget_ms(&requests[0]), 1500);
+    // The attempt timeout minus the 25 ms margin: the callee gives up before we do.
+    assert_eq!(budget_ms(&requests[0]), 1475);
     assert!(!requests[0].headers.contains_key(&correlation::HEADER));
 }
 
@@ -154,8 +155,9 @@ async fn an_attempt_is_cut_off_when_the_request_deadline_passes() {
     .expect_err("too slow");
 
     assert!(matches!(error, ClientError::Timeout { .. }), "{error:?}");
+    // We listen until the deadline itself (the callee was told 25 ms less), never past it.
     assert!(
-        started.elapsed() < Duration::from_millis(300),
+        started.elapsed() < Duration::from_millis(400),
         "{:?}",
         started.elapsed()
     );
