@@ -41,6 +41,10 @@ const KEY_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// released by then is left to inventory's reservation TTL (flow 4), which is the backstop.
 const COMPENSATION_BUDGET: Duration = Duration::from_secs(5);
 
+/// Time kept, when compensation is slow, to send our specific error before the request's deadline
+/// passes and the deadline layer answers a generic `504` instead.
+const ANSWER_MARGIN: Duration = Duration::from_millis(10);
+
 /// `Retry-After` for "pricing unavailable" when the client error does not suggest one: pricing
 /// outages seen here are a restart or a breaker cycle, and a second is the shortest useful wait.
 const PRICING_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -322,7 +326,8 @@ impl OrderPlacement {
             None => self.store(order_id, lines, priced, &reserved).await,
         };
         if let Err(error) = &outcome {
-            self.compensate(order_id, reserved, unknown, error).await;
+            self.compensate_within_deadline(order_id, reserved, unknown, error)
+                .await;
         }
         outcome
     }
@@ -412,6 +417,35 @@ impl OrderPlacement {
         }
     }
 
+    /// Runs [`Self::compensate`] in its own task, with its own budget, so it completes even after
+    /// the caller has gone, and waits for it only while the request's deadline leaves time: a
+    /// slow inventory delays the releases, never the answer.
+    async fn compensate_within_deadline(
+        &self,
+        order_id: Uuid,
+        reserved: Vec<Uuid>,
+        unknown: Vec<RequestedLine>,
+        cause: &PlacementError,
+    ) {
+        let this = self.clone();
+        let cause = cause.to_string();
+        let correlation_id = correlation::current();
+        let releases = async move {
+            let compensation = this.compensate(order_id, reserved, unknown, &cause);
+            match correlation_id {
+                Some(id) => correlation::scope(id, compensation).await,
+                None => compensation.await,
+            }
+        };
+        let task = tokio::spawn(releases.instrument(tracing::Span::current()));
+        let patience = deadline::current().map_or(COMPENSATION_BUDGET, |d| {
+            d.remaining().saturating_sub(ANSWER_MARGIN)
+        });
+        if tokio::time::timeout(patience, task).await.is_err() {
+            tracing::info!(%order_id, "answering before compensation finished; it goes on in the background");
+        }
+    }
+
     /// Releases every reservation this attempt made. Lines whose reserve call had no definite
     /// answer are looked up first by replaying the reserve with the same idempotency key (which
     /// returns the original reservation if it exists) and then released.
@@ -420,7 +454,7 @@ impl OrderPlacement {
         order_id: Uuid,
         reserved: Vec<Uuid>,
         unknown: Vec<RequestedLine>,
-        cause: &PlacementError,
+        cause: &str,
     ) {
         if reserved.is_empty() && unknown.is_empty() {
             return;
