@@ -1,0 +1,556 @@
+#!/usr/bin/env python3
+"""The load benchmark (issue 6): starts the four release binaries, loads them with wrk, prints one table.
+
+Called by run.sh, which builds first; see README.md next to this file for what each scenario
+measures and why. Only the standard library: the machine that builds the project has Python 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+LUA = HERE / "report.lua"
+
+# name, binary, URL variable its callers read. Started in this order (dependencies first).
+SERVICES = [
+    ("pricing", "pricing-service", "PRICING_URL"),
+    ("inventory", "inventory-service", "INVENTORY_URL"),
+    ("order", "order-service", "ORDER_URL"),
+    ("gateway", "gateway", None),
+]
+
+SKU = "BK-12"
+ORDER_BODY = json.dumps({"items": [{"sku": SKU, "qty": 1}]}, separators=(",", ":"))
+# Far more than any run can order, so no order is refused for stock (a 409 would be an error).
+RESTOCK = 100_000_000
+
+# Targets from issue 6, as fractions of the single-hop reference (c) or absolute values.
+TARGET_PASS_THROUGH = 0.40
+TARGET_ORDER_PATH = 0.05
+TARGET_RELAY_EVENTS_PER_S = 5000
+TARGET_RSS_MIB = 64
+
+# wrk's default request timeout is 2 s; the gateway's edge budget is 5 s, so a slower answer is
+# still an answer the system meant to give, and only one past the budget counts as a timeout.
+WRK_TIMEOUT = "5s"
+# Two wrk threads: one per core, as in the measurements issue 6 quotes.
+WRK_THREADS = 2
+
+# Startup is migrations, seeding, binding and the broker handshake: well under a second; 30 s is
+# for a cold, busy machine.
+STARTUP_TIMEOUT_S = 30
+# A relay that has not drained its backlog by then is broken, not slow.
+RELAY_TIMEOUT_S = 120
+# What `docker compose stop` allows a service for its graceful drain.
+STOP_TIMEOUT_S = 10
+
+
+@dataclass
+class Service:
+    name: str
+    binary: str
+    port: int
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status_kib(self, key: str) -> int | None:
+        """A `kB` line of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: current RSS)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        except (OSError, ValueError, AttributeError):
+            return None
+        return None
+
+    def reset_peak_rss(self) -> bool:
+        """Resets VmHWM to the current RSS (Linux >= 4.0; needs to own the process)."""
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class Run:
+    """One wrk run (or the relay measurement) with each service's peak RSS during it."""
+
+    scenario: str
+    rate: float  # requests (or events) per second
+    p50_us: float | None = None
+    p99_us: float | None = None
+    p999_us: float | None = None
+    requests: int = 0
+    non_2xx: int = 0
+    socket_errors: int = 0
+    rss_kib: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+@dataclass
+class Scenario:
+    key: str
+    label: str
+    service: str  # which service wrk talks to
+    path: str
+    connections: int
+    body: str | None = None
+
+
+SCENARIOS = [
+    Scenario("a16", "(a) POST /api/orders, 16 conns", "gateway", "/api/orders", 16, ORDER_BODY),
+    Scenario("a64", "(a) POST /api/orders, 64 conns", "gateway", "/api/orders", 64, ORDER_BODY),
+    Scenario("b", "(b) GET /api/products/BK-12", "gateway", f"/api/products/{SKU}", 64),
+    Scenario("c", "(c) GET /prices/BK-12 on pricing", "pricing", f"/prices/{SKU}", 64),
+    Scenario("d", "(d) GET /api/prices/BK-12", "gateway", f"/api/prices/{SKU}", 64),
+]
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: object | None = None, timeout: float = 5) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class Stack:
+    """The four services as local processes, in a temporary directory of their own."""
+
+    def __init__(self, target: Path, workdir: Path, amqp_url: str, namespace: str) -> None:
+        self.target = target
+        self.workdir = workdir
+        self.amqp_url = amqp_url
+        self.namespace = namespace
+        self.services = {name: Service(name, binary, free_port()) for name, binary, _ in SERVICES}
+
+    def __getitem__(self, name: str) -> Service:
+        return self.services[name]
+
+    def env(self, service: Service) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            HOST="127.0.0.1",
+            PORT=str(service.port),
+            AMQP_URL=self.amqp_url,
+            EVENTS_NAMESPACE=self.namespace,
+            DATABASE_URL=f"sqlite://{self.workdir / (service.name + '.db')}",
+            LOG_FORMAT="json",
+            RUST_LOG="info",
+        )
+        for name, _, url_var in SERVICES:
+            if url_var:
+                env[url_var] = self.services[name].url("")
+        return env
+
+    def start(self) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for service in self.services.values():
+            binary = self.target / service.binary
+            if not binary.exists():
+                raise SystemExit(f"bench: {binary} is missing (run.sh builds it)")
+            service.log = logs / f"{service.name}.log"
+            with open(service.log, "wb") as out:
+                # A session of its own: Ctrl-C reaches this script, which stops the services in order.
+                service.proc = subprocess.Popen(
+                    [str(binary)],
+                    env=self.env(service),
+                    cwd=self.workdir,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for service in self.services.values():
+            # /readyz, not /healthz: ready means the broker link is up, so the first order's
+            # event is not waiting for a connection while the clock runs.
+            while True:
+                self.check_alive()
+                try:
+                    status, _ = http("GET", service.url("/readyz"), timeout=1)
+                    if status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: {service.name} not ready within {STARTUP_TIMEOUT_S} s")
+                time.sleep(0.1)
+
+    def check_alive(self) -> None:
+        for service in self.services.values():
+            if not service.alive():
+                tail = service.log.read_text(errors="replace").splitlines()[-20:] if service.log else []
+                raise SystemExit(
+                    f"bench: {service.name} exited (status {service.proc.returncode}); last log lines:\n"
+                    + "\n".join(tail)
+                )
+
+    def stop(self) -> None:
+        # Dependents first, so nothing logs errors about a dependency that went away before it.
+        for service in reversed(list(self.services.values())):
+            if service.alive():
+                service.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for service in self.services.values():
+            if service.proc is None:
+                continue
+            try:
+                service.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait()
+
+
+def wrk(stack: Stack, scenario: Scenario, seconds: float) -> Run:
+    service = stack[scenario.service]
+    env = dict(os.environ, BENCH_BODY=scenario.body or "")
+    command = [
+        "wrk", f"-t{WRK_THREADS}", f"-c{scenario.connections}", f"-d{max(1, round(seconds))}s",
+        f"--timeout={WRK_TIMEOUT}", "-s", str(LUA), service.url(scenario.path),
+    ]
+    for s in stack.services.values():
+        s.reset_peak_rss()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    stack.check_alive()
+    line = next((l for l in result.stdout.splitlines() if l.startswith("BENCH ")), None)
+    if result.returncode != 0 or line is None:
+        raise SystemExit(f"bench: wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    summary = json.loads(line[len("BENCH "):])
+    seconds_run = summary["duration_us"] / 1e6
+    return Run(
+        scenario=scenario.key,
+        rate=summary["requests"] / seconds_run,
+        p50_us=summary["p50_us"],
+        p99_us=summary["p99_us"],
+        p999_us=summary["p999_us"],
+        requests=summary["requests"],
+        non_2xx=summary["status"],
+        socket_errors=sum(summary[k] for k in ("connect", "read", "write", "timeout")),
+        rss_kib={s.name: s.status_kib("VmHWM") or 0 for s in stack.services.values()},
+    )
+
+
+def relay_backlog(stack: Stack, events: int) -> Run:
+    """Events/s through pricing's outbox relay, from commit to confirm.
+
+    A backlog of `events` `price.changed` rows is committed to pricing's outbox in one
+    transaction, as a burst of writers would leave it, and the relay is woken by a real price
+    change (which commits one more row and notifies it). The rate is the number of rows divided
+    by the time from that commit until the broker had confirmed the last row and the relay had
+    marked it sent (its `sent_at`). Writing the rows directly keeps the HTTP and SQLite cost of
+    the writers out of the figure: this measures the relay, scenario (a) measures the writers.
+    """
+    pricing = stack["pricing"]
+    db = sqlite3.connect(stack.workdir / "pricing.db", timeout=10)
+    try:
+        data = json.dumps({"sku": SKU, "price": 39.9, "currency": "EUR"}, separators=(",", ":"))
+        correlation = f"bench-relay-{uuid.uuid4().hex[:8]}"
+        rows = [(str(uuid.uuid4()), "price.changed", 1, correlation, data) for _ in range(events)]
+        for s in stack.services.values():
+            s.reset_peak_rss()
+        with db:
+            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM outbox").fetchone()[0]
+            db.executemany(
+                "INSERT INTO outbox (message_id, event_type, version, correlation_id, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+        committed = time.time()
+        status, body = http("PUT", pricing.url(f"/prices/{SKU}"), {"price": 39.9})
+        if status != 200:
+            raise SystemExit(f"bench: PUT /prices/{SKU} answered {status}: {body[:300]!r}")
+        deadline = time.monotonic() + RELAY_TIMEOUT_S
+        unsent = events
+        while time.monotonic() < deadline:
+            stack.check_alive()
+            unsent = db.execute(
+                "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND id >= ?", (first,)
+            ).fetchone()[0]
+            if unsent == 0:
+                break
+            time.sleep(0.05)
+        last = db.execute("SELECT max(sent_at) FROM outbox WHERE id >= ?", (first,)).fetchone()[0]
+    finally:
+        db.close()
+    sent = events + 1 - unsent
+    finished = (
+        dt.datetime.strptime(last, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+        if last and unsent == 0
+        else time.time()
+    )
+    return Run(
+        scenario="e",
+        rate=sent / max(finished - committed, 1e-3),
+        requests=sent,
+        non_2xx=unsent,  # rows still unsent when the time ran out
+        rss_kib={s.name: s.status_kib("VmHWM") or 0 for s in stack.services.values()},
+    )
+
+
+def delete_topology(amqp_url: str, namespace: str) -> None:
+    """Deletes what the services declared under `namespace` (names as in shared's topology.rs).
+
+    A minimal AMQP 0-9-1 client (the standard library has none and the machine has no pika):
+    handshake with PLAIN credentials, then queue.delete and exchange.delete on one channel.
+    """
+    from urllib.parse import unquote, urlparse
+
+    url = urlparse(amqp_url)
+    user, password = unquote(url.username or "guest"), unquote(url.password or "guest")
+    vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
+    queues = [
+        f"{namespace}.{q}{suffix}"
+        for q in ("order.price-events", "inventory.order-events", "pricing.order-events")
+        for suffix in ("", ".dlq", ".retry")
+    ]
+    exchanges = [f"{namespace}.shop.events", f"{namespace}.shop.events.dlx"]
+
+    def shortstr(s: str) -> bytes:
+        b = s.encode()
+        return struct.pack("B", len(b)) + b
+
+    def longstr(s: bytes) -> bytes:
+        return struct.pack(">I", len(s)) + s
+
+    with socket.create_connection((url.hostname or "127.0.0.1", url.port or 5672), timeout=10) as sock:
+        buffer = b""
+
+        def send(channel: int, class_id: int, method_id: int, args: bytes) -> None:
+            payload = struct.pack(">HH", class_id, method_id) + args
+            sock.sendall(struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce")
+
+        def expect(class_id: int, method_id: int) -> None:
+            nonlocal buffer
+            while True:
+                while len(buffer) < 7 or len(buffer) < 8 + struct.unpack(">I", buffer[3:7])[0]:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise OSError("broker closed the connection")
+                    buffer += chunk
+                kind, _, size = struct.unpack(">BHI", buffer[:7])
+                payload, buffer = buffer[7 : 7 + size], buffer[8 + size :]
+                if kind != 1:
+                    continue  # heartbeats
+                got = struct.unpack(">HH", payload[:4])
+                if got == (class_id, method_id):
+                    return
+                raise OSError(f"broker answered {got} instead of {(class_id, method_id)}: {payload[4:]!r}")
+
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        expect(10, 10)  # connection.start
+        send(0, 10, 11, struct.pack(">I", 0) + shortstr("PLAIN")
+             + longstr(f"\0{user}\0{password}".encode()) + shortstr("en_US"))
+        expect(10, 30)  # connection.tune
+        send(0, 10, 31, struct.pack(">HIH", 1, 131072, 0))
+        send(0, 10, 40, shortstr(vhost) + shortstr("") + b"\x00")
+        expect(10, 41)
+        send(1, 20, 10, shortstr(""))
+        expect(20, 11)
+        for queue in queues:
+            send(1, 50, 40, struct.pack(">H", 0) + shortstr(queue) + b"\x00")
+            expect(50, 41)
+        for exchange in exchanges:
+            send(1, 40, 20, struct.pack(">H", 0) + shortstr(exchange) + b"\x00")
+            expect(40, 21)
+        send(0, 10, 50, struct.pack(">H", 200) + shortstr("bye") + struct.pack(">HH", 0, 0))
+        expect(10, 51)
+
+
+def fmt_ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def summarise(runs: list[Run], order: list[str], labels: dict[str, str]) -> list[list[str]]:
+    """One row per scenario: mean rate over rounds; the worst latency and RSS; errors summed."""
+    rows = []
+    for key in order:
+        mine = [r for r in runs if r.scenario == key]
+        if not mine:
+            continue
+        worst = lambda attr: max((getattr(r, attr) for r in mine if getattr(r, attr) is not None), default=None)
+        rows.append([
+            labels[key],
+            f"{sum(r.rate for r in mine) / len(mine):,.0f}",
+            fmt_ms(worst("p50_us")),
+            fmt_ms(worst("p99_us")),
+            fmt_ms(worst("p999_us")),
+            str(sum(r.errors for r in mine)),
+            *(mib(max(r.rss_kib.get(name, 0) for r in mine)) for name, _, _ in SERVICES),
+        ])
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    ) + " |"
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="seconds in total, no targets asserted")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, DBs)")
+    parser.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target")))
+    args = parser.parse_args()
+
+    smoke = args.smoke
+    duration = float(os.environ.get("DURATION", 1 if smoke else 10))
+    warmup = float(os.environ.get("WARMUP", 0 if smoke else 3))
+    rounds = int(os.environ.get("ROUNDS", 1 if smoke else 2))
+    relay_events = int(os.environ.get("RELAY_EVENTS", 1000 if smoke else 50_000))
+    amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    namespace = f"bench-{uuid.uuid4().hex[:12]}"
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is not installed (apt-get install -y wrk)")
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    stack = Stack(Path(args.target_dir) / "release", workdir, amqp_url, namespace)
+    # SIGTERM (CI cancelling the job) unwinds like Ctrl-C, so the services are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    try:
+        log(f"starting the stack in {workdir} (namespace {namespace})")
+        stack.start()
+        status, body = http("PUT", stack["inventory"].url(f"/stock/{SKU}"), {"onHand": RESTOCK})
+        if status != 200:
+            raise SystemExit(f"bench: restock answered {status}: {body[:300]!r}")
+        status, body = http("POST", stack["gateway"].url("/api/orders"), json.loads(ORDER_BODY))
+        if status != 201:
+            raise SystemExit(f"bench: a first order answered {status}: {body[:300]!r}")
+
+        if warmup > 0:
+            log(f"warming up ({warmup:g} s per scenario)")
+            for scenario in SCENARIOS:
+                wrk(stack, scenario, warmup)
+        runs: list[Run] = []
+        # Interleaved: every round runs each scenario once, so drift (other work on the machine,
+        # a growing database) hits all of them alike, and ratios are taken within a round.
+        for r in range(1, rounds + 1):
+            for scenario in SCENARIOS:
+                log(f"round {r}/{rounds}: {scenario.label} for {duration:g} s")
+                run = wrk(stack, scenario, duration)
+                log(f"  {run.rate:,.0f} req/s, p99 {fmt_ms(run.p99_us)} ms, errors {run.errors}")
+                runs.append(run)
+        log(f"relay: a backlog of {relay_events} events")
+        relay = relay_backlog(stack, relay_events)
+        log(f"  {relay.rate:,.0f} events/s")
+        runs.append(relay)
+        stack.check_alive()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        stack.stop()
+        try:
+            delete_topology(amqp_url, namespace)
+        except OSError as error:
+            log(f"cannot delete the broker topology of {namespace}: {error}")
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    labels = {s.key: s.label for s in SCENARIOS}
+    labels["e"] = f"(e) outbox relay, {relay_events} events"
+    header = ["scenario", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "errors",
+              *(f"{name} MiB" for name, _, _ in SERVICES)]
+    rows = summarise(runs, [s.key for s in SCENARIOS] + ["e"], labels)
+    print()
+    print(f"{dt.date.today().isoformat()}, {os.cpu_count()} cores, {rounds} round(s) of {duration:g} s, "
+          f"wrk -t{WRK_THREADS}; latency and RSS: worst round, req/s: mean of rounds; RSS = peak (VmHWM) "
+          "during the scenario; (e) req/s = events/s")
+    print(table(header, rows))
+
+    def ratio(key: str) -> list[float]:
+        per_round = []
+        for r in range(rounds):
+            this = [x for x in runs if x.scenario == key][r].rate
+            reference = [x for x in runs if x.scenario == "c"][r].rate
+            per_round.append(this / reference)
+        return per_round
+
+    pass_through, order_path = ratio("d"), ratio("a64")
+    peak_rss = max(max(r.rss_kib.values()) for r in runs)
+    errors = sum(r.errors for r in runs)
+    checks = [
+        ("(d)/(c) gateway pass-through", min(pass_through), f">= {TARGET_PASS_THROUGH}",
+         min(pass_through) >= TARGET_PASS_THROUGH, ", ".join(f"{x:.3f}" for x in pass_through)),
+        ("(a, 64)/(c) order path", min(order_path), f">= {TARGET_ORDER_PATH}",
+         min(order_path) >= TARGET_ORDER_PATH, ", ".join(f"{x:.3f}" for x in order_path)),
+        ("(e) relay events/s", relay.rate, f">= {TARGET_RELAY_EVENTS_PER_S}",
+         relay.rate >= TARGET_RELAY_EVENTS_PER_S, ""),
+        ("peak RSS of any service, MiB", peak_rss / 1024, f"<= {TARGET_RSS_MIB}",
+         peak_rss / 1024 <= TARGET_RSS_MIB, ""),
+        ("errors in all scenarios", errors, "= 0", errors == 0, ""),
+    ]
+    print()
+    print(table(["target", "measured (worst round)", "target", "met", "per round"],
+                [[name, f"{value:.3f}" if isinstance(value, float) else str(value), want,
+                  "yes" if ok else "MISSED", rounds_text] for name, value, want, ok, rounds_text in checks]))
+    print(f"\nbench: finished in {time.monotonic() - started:.0f} s")
+
+    if smoke:
+        # A smoke run proves the script and the stack work; a slow CI machine may miss every
+        # target, but a scenario where most requests fail, or a relay that never drains, is broken.
+        broken = [r.scenario for r in runs if r.requests == 0 or r.errors * 2 > r.requests]
+        if broken:
+            log(f"smoke: scenarios mostly failing: {', '.join(broken)}")
+            return 1
+        return 0
+    return 0 if all(ok for *_, ok, _ in checks) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
