@@ -18,6 +18,13 @@ use crate::correlation;
 /// The media type of problem documents.
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
+/// Response header naming the dependency behind a `5xx`: set when a problem carries a
+/// `dependency` member (see [`crate::client::ClientError::to_problem`]). It tells our callers that
+/// this service is healthy and its *dependency* failed, so their circuit breakers do not count the
+/// answer against this service and their clients do not retry what this service already retried.
+pub static FAILED_DEPENDENCY: http::HeaderName =
+    http::HeaderName::from_static("x-failed-dependency");
+
 /// An RFC 9457 problem document.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -95,6 +102,11 @@ impl IntoResponse for Problem {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        if let Some(Value::String(dependency)) = self.extensions.get("dependency")
+            && let Ok(value) = HeaderValue::from_str(dependency)
+        {
+            headers.insert(FAILED_DEPENDENCY.clone(), value);
+        }
         if let Some(after) = retry_after {
             // Retry-After is whole seconds; round up so a client never comes back too early.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -166,6 +178,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(response.headers()[&FAILED_DEPENDENCY], "pricing");
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)
             .await
             .expect("body");

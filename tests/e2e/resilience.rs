@@ -80,6 +80,21 @@ async fn with_inventory_stopped_orders_fail_in_time_then_fast_and_recover_when_i
         "the open breaker fails fast: {elapsed:?}"
     );
 
+    // order-service answered every one of those 503s itself and named inventory as the cause, so
+    // the gateway's breaker for order stays closed: reading orders still works.
+    let (_, gateway) = stack.readiness(Service::Gateway).await;
+    assert_eq!(
+        gateway["checks"]["order"]["detail"]["breaker"], "closed",
+        "a failure behind order-service does not open the gateway's breaker for it: {gateway}"
+    );
+    let problem: Value = stack
+        .place_order(&[("BK-12", 1)])
+        .await
+        .json()
+        .await
+        .expect("problem JSON");
+    assert_eq!(problem["dependency"], "inventory", "{problem}");
+
     stack.restart(Service::Inventory).await;
     assert_eventually!(
         stack.place_order(&[("BK-12", 1)]).await.status() == 201,
@@ -128,8 +143,12 @@ async fn a_hanging_inventory_gets_the_client_a_timely_504_from_order_service_not
     let problem: Value = response.json().await.expect("problem JSON");
     assert_eq!(problem["correlationId"], correlation_id.as_str());
     assert_eq!(
-        problem["detail"], "order ran out of time",
+        problem["detail"], "order answered 504 because inventory failed",
         "the gateway relays order-service's 504 rather than timing out itself: {problem}"
+    );
+    assert_eq!(
+        problem["dependency"], "inventory",
+        "the root cause is named"
     );
     // order-service itself answered (its own 504, logged with the client's correlation ID).
     let lines = logs_for(&correlation_id);

@@ -21,6 +21,9 @@ pub enum ClientError {
         body: Bytes,
         /// The dependency's `Retry-After`, if it sent one.
         retry_after: Option<Duration>,
+        /// The service *behind* the dependency that failed, when the dependency says so
+        /// ([`crate::problem::FAILED_DEPENDENCY`]): the dependency itself is healthy.
+        downstream: Option<String>,
     },
     /// Attempts timed out.
     #[error("{dependency} did not answer in time")]
@@ -108,6 +111,12 @@ impl ClientError {
     /// which says nothing about the dependency.
     pub fn is_transient(&self) -> bool {
         match self {
+            // A failure behind the dependency was already retried there; retrying it here too
+            // would multiply the load on the failing service (3 attempts × 3 attempts ...).
+            Self::Status {
+                downstream: Some(_),
+                ..
+            } => false,
             Self::Status { status, .. } => is_transient_status(*status),
             Self::Timeout { .. }
             | Self::Connect { .. }
@@ -184,9 +193,23 @@ impl ClientError {
             Self::Config(_) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
                 .detail("an HTTP client is misconfigured"),
         };
-        match self.dependency() {
-            Some(dependency) => problem.with("dependency", dependency),
-            None => problem,
+        match self {
+            // Name the service that actually failed, so the marker travels up every hop.
+            Self::Status {
+                dependency,
+                status,
+                downstream: Some(culprit),
+                ..
+            } => problem
+                .detail(format!(
+                    "{dependency} answered {} because {culprit} failed",
+                    status.as_u16()
+                ))
+                .with("dependency", culprit),
+            _ => match self.dependency() {
+                Some(dependency) => problem.with("dependency", dependency),
+                None => problem,
+            },
         }
     }
 
@@ -223,7 +246,27 @@ mod tests {
             status: StatusCode::from_u16(code).expect("status"),
             body: Bytes::from_static(br#"{"detail":"SELECT * FROM prices failed at db.rs:42"}"#),
             retry_after,
+            downstream: None,
         }
+    }
+
+    #[test]
+    fn a_failure_behind_the_dependency_is_named_and_not_retried() {
+        let error = ClientError::Status {
+            dependency: "order",
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: Bytes::new(),
+            retry_after: Some(Duration::from_secs(5)),
+            downstream: Some("inventory".to_owned()),
+        };
+        assert!(!error.is_transient());
+        let problem = error.to_problem();
+        assert_eq!(problem.status, 503);
+        assert_eq!(problem.extensions["dependency"], "inventory");
+        assert_eq!(
+            problem.detail.as_deref(),
+            Some("order answered 503 because inventory failed")
+        );
     }
 
     #[test]

@@ -383,7 +383,10 @@ impl ResilientClient {
             let forwarded = wait
                 .saturating_sub(config.deadline_margin)
                 .max(Duration::from_millis(1));
-            let error = match self.attempt(request, headers.clone(), wait, forwarded).await {
+            let error = match self
+                .attempt(request, headers.clone(), wait, forwarded)
+                .await
+            {
                 Ok(response) => {
                     permit.record(false);
                     return Ok(response);
@@ -523,6 +526,10 @@ impl ResilientClient {
                     dependency: name,
                     status,
                     retry_after: retry::retry_after(&headers),
+                    downstream: headers
+                        .get(&crate::problem::FAILED_DEPENDENCY)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
                     body,
                 })
             }
@@ -614,6 +621,11 @@ fn counts_against_breaker(error: &ClientError, had_full_attempt_timeout: bool) -
     match error {
         ClientError::Timeout { .. } => had_full_attempt_timeout,
         ClientError::Connect { .. } | ClientError::Transport { .. } => true,
+        // The dependency answered, and says the failure is behind it: it is healthy.
+        ClientError::Status {
+            downstream: Some(_),
+            ..
+        } => false,
         ClientError::Status { status, .. } => {
             status.is_server_error() && *status != StatusCode::NOT_IMPLEMENTED
         }

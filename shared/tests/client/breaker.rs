@@ -182,3 +182,30 @@ async fn a_timeout_counts_against_the_dependency_only_if_it_had_its_full_attempt
     assert!(matches!(full, Err(ClientError::Timeout { .. })), "{full:?}");
     assert_eq!(client.breaker_state(), BreakerState::Open);
 }
+
+#[tokio::test]
+async fn failures_a_dependency_reports_from_behind_it_neither_trip_the_breaker_nor_retry() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503).insert_header("x-failed-dependency", "inventory"))
+        .mount(&upstream)
+        .await;
+    let mut config = config(&[&upstream]);
+    config.breaker.failure_threshold = 3;
+    let client = client(config);
+
+    for _ in 0..5 {
+        let error = client
+            .send(ClientRequest::get("/orders/1"))
+            .await
+            .expect_err("503");
+        assert!(
+            matches!(&error, ClientError::Status { downstream: Some(d), .. } if d == "inventory"),
+            "{error:?}"
+        );
+    }
+
+    // The dependency itself answered every time: it is healthy, and it already retried.
+    assert_eq!(client.breaker_state(), BreakerState::Closed);
+    assert_eq!(received(&upstream).await.len(), 5);
+}
