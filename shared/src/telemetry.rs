@@ -124,7 +124,12 @@ pub fn init_stdout(
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(128 * 1024)
         .lossy(true)
-        .finish(std::io::stdout());
+        // Buffered, so a burst of lines costs one `write` instead of one per line: the writer
+        // thread flushes whenever it has drained the queue, so no line waits for more to come.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     init_subscriber(get_subscriber(service, &settings, writer))?;
     Ok(guard)
 }
@@ -154,8 +159,12 @@ impl<W> JsonLayer<W> {
     }
 }
 
-/// Span fields, pre-rendered as JSON members (`,"key":value`) when the span is created.
-struct SpanFields(String);
+/// Span fields, pre-rendered as JSON members (`,"key":value`) when the span is created, and
+/// whether one of them is `service`.
+struct SpanFields {
+    members: Vec<u8>,
+    has_service: bool,
+}
 
 impl<S, W> Layer<S> for JsonLayer<W>
 where
@@ -166,7 +175,10 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut visitor = JsonVisitor::default();
         attrs.record(&mut visitor);
-        span.extensions_mut().insert(SpanFields(visitor.out));
+        span.extensions_mut().insert(SpanFields {
+            members: visitor.members,
+            has_service: visitor.has_service,
+        });
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -174,111 +186,179 @@ where
         let mut extensions = span.extensions_mut();
         if let Some(fields) = extensions.get_mut::<SpanFields>() {
             let mut visitor = JsonVisitor {
-                out: std::mem::take(&mut fields.0),
+                members: std::mem::take(&mut fields.members),
+                has_service: fields.has_service,
                 ..JsonVisitor::default()
             };
             values.record(&mut visitor);
-            fields.0 = visitor.out;
+            fields.members = visitor.members;
+            fields.has_service = visitor.has_service;
         }
     }
 
+    // One line per request at `info` is the hot path of every service, so the line is written
+    // straight into one buffer: no intermediate `serde_json::Value`s or strings per field.
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let mut visitor = JsonVisitor::default();
         event.record(&mut visitor);
 
-        let mut line = String::with_capacity(256);
-        let now = OffsetDateTime::now_utc();
-        line.push_str("{\"timestamp\":\"");
-        let _ = now
-            .format(&Rfc3339)
-            .map(|t| line.push_str(&t))
-            .map_err(|_| line.push('?'));
-        let _ = write!(
-            line,
-            "\",\"level\":\"{}\"",
-            event.metadata().level().as_str().to_ascii_lowercase()
-        );
+        let mut line = Vec::with_capacity(256);
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        if OffsetDateTime::now_utc()
+            .format_into(&mut line, &Rfc3339)
+            .is_err()
+        {
+            line.push(b'?');
+        }
+        line.extend_from_slice(b"\",\"level\":\"");
+        line.extend_from_slice(level_name(event.metadata().level()).as_bytes());
+        line.push(b'"');
 
         // Span fields, innermost span first; the service name may come from a span (several
         // services in one test process) and falls back to this process's own.
-        let mut spans = String::new();
+        let mut spans = Vec::new();
         let mut service_in_span = false;
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope {
                 if let Some(fields) = span.extensions().get::<SpanFields>() {
-                    service_in_span |= fields.0.contains("\"service\":");
-                    spans.push_str(&fields.0);
+                    service_in_span |= fields.has_service;
+                    spans.extend_from_slice(&fields.members);
                 }
             }
         }
         if !service_in_span {
-            push_member(&mut line, "service", &Value::from(self.service));
+            push_key(&mut line, "service");
+            push_str(&mut line, self.service);
         }
         if let Some(id) = correlation::current() {
-            push_member(&mut line, "correlationId", &Value::from(id.as_str()));
+            push_key(&mut line, "correlationId");
+            push_str(&mut line, id.as_str());
         }
-        push_member(
-            &mut line,
-            "msg",
-            &Value::from(visitor.message.unwrap_or_default()),
-        );
-        push_member(&mut line, "target", &Value::from(event.metadata().target()));
-        line.push_str(&visitor.out);
-        line.push_str(&spans);
-        line.push_str("}\n");
+        push_key(&mut line, "msg");
+        match &visitor.message {
+            Some(message) => line.extend_from_slice(message),
+            None => line.extend_from_slice(b"\"\""),
+        }
+        push_key(&mut line, "target");
+        push_str(&mut line, event.metadata().target());
+        line.extend_from_slice(&visitor.members);
+        line.extend_from_slice(&spans);
+        line.extend_from_slice(b"}\n");
 
-        let _ = self.writer.make_writer().write_all(line.as_bytes());
+        let _ = self.writer.make_writer().write_all(&line);
     }
 }
 
-fn push_member(out: &mut String, key: &str, value: &Value) {
-    out.push(',');
-    out.push_str(&Value::from(key).to_string());
-    out.push(':');
-    out.push_str(&value.to_string());
+fn level_name(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
+    }
 }
 
-/// Renders fields as JSON members, keeping the `message` field apart as `msg`.
+/// Appends `,"key":`.
+fn push_key(out: &mut Vec<u8>, key: &str) {
+    out.push(b',');
+    push_str(out, key);
+    out.push(b':');
+}
+
+/// Appends `value` as a JSON string, quoted and escaped.
+fn push_str(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    let _ = JsonEscaped(out).write_str(value);
+    out.push(b'"');
+}
+
+/// Appends `value`'s JSON form (numbers, booleans; non-finite floats become `null`).
+fn push_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// A `fmt::Write` that appends what is written as the inside of a JSON string, so `Debug` and
+/// `Display` output is escaped on the fly without an intermediate `String`.
+struct JsonEscaped<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for JsonEscaped<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let out = &mut *self.0;
+        let mut plain = 0;
+        for (i, byte) in s.bytes().enumerate() {
+            let escape: &[u8] = match byte {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0x00..=0x1f => b"",
+                _ => continue,
+            };
+            out.extend_from_slice(&s.as_bytes()[plain..i]);
+            if escape.is_empty() {
+                let _ = write!(out, "\\u{byte:04x}");
+            } else {
+                out.extend_from_slice(escape);
+            }
+            plain = i + 1;
+        }
+        out.extend_from_slice(&s.as_bytes()[plain..]);
+        Ok(())
+    }
+}
+
+/// Renders fields as JSON members, keeping the `message` field apart (already a JSON string).
 #[derive(Default)]
 struct JsonVisitor {
-    out: String,
-    message: Option<String>,
+    members: Vec<u8>,
+    message: Option<Vec<u8>>,
+    has_service: bool,
 }
 
 impl JsonVisitor {
-    fn member(&mut self, field: &Field, value: Value) {
+    /// Where the value of `field` goes: the message buffer, or a new member of `members`.
+    fn slot(&mut self, field: &Field) -> &mut Vec<u8> {
         if field.name() == "message" {
-            self.message = Some(match value {
-                Value::String(s) => s,
-                other => other.to_string(),
-            });
+            self.message.insert(Vec::new())
         } else {
-            push_member(&mut self.out, field.name(), &value);
+            self.has_service |= field.name() == "service";
+            push_key(&mut self.members, field.name());
+            &mut self.members
         }
     }
 }
 
 impl Visit for JsonVisitor {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.member(field, Value::from(format!("{value:?}")));
+        let out = self.slot(field);
+        out.push(b'"');
+        let _ = write!(JsonEscaped(out), "{value:?}");
+        out.push(b'"');
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.member(field, Value::from(value));
+        push_str(self.slot(field), value);
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, Value::from(value));
+        push_json(self.slot(field), &value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, Value::from(value));
+        push_json(self.slot(field), &value);
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.member(field, Value::from(value));
+        push_json(self.slot(field), &value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.member(field, Value::from(value));
+        push_json(self.slot(field), &value);
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.member(field, Value::from(value.to_string()));
+        let out = self.slot(field);
+        out.push(b'"');
+        let _ = write!(JsonEscaped(out), "{value}");
+        out.push(b'"');
     }
 }
 
@@ -347,6 +427,42 @@ mod tests {
         assert_eq!(lines[0]["status"], 201);
         assert_eq!(lines[0]["path"], "/orders");
         assert!(lines[1].get("correlationId").is_none());
+    }
+
+    #[test]
+    fn strings_numbers_and_debug_values_are_escaped_into_valid_json() {
+        let logs = CapturedLogs::default();
+        let settings = TelemetrySettings {
+            format: LogFormat::Json,
+            filter: "info".to_owned(),
+        };
+        let subscriber = get_subscriber("order", &settings, logs.clone());
+        let awkward = "quote \" backslash \\ newline \n tab \t bell \u{7} ünï";
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("http", path = awkward);
+            let _entered = span.enter();
+            tracing::info!(
+                text = awkward,
+                debug = ?awkward,
+                negative = -3_i64,
+                ratio = 0.5_f64,
+                nan = f64::NAN,
+                flag = true,
+                "msg with {}",
+                awkward
+            );
+        });
+        let lines = logs.lines();
+        assert_eq!(lines.len(), 1, "the line must parse as JSON");
+        let line = &lines[0];
+        assert_eq!(line["msg"], format!("msg with {awkward}"));
+        assert_eq!(line["text"], awkward);
+        assert_eq!(line["debug"], format!("{awkward:?}"));
+        assert_eq!(line["path"], awkward);
+        assert_eq!(line["negative"], -3);
+        assert_eq!(line["ratio"], 0.5);
+        assert!(line["nan"].is_null());
+        assert_eq!(line["flag"], true);
     }
 
     #[test]
