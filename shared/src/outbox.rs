@@ -39,9 +39,13 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE sent_at IS NULL;
 ";
 
-/// Rows published per round: large enough that the confirm window stays full under load, small
-/// enough that one round's transaction and memory stay small.
-pub const BATCH_SIZE: i64 = 256;
+/// Rows published per round: as many as the default publish window holds
+/// ([`crate::messaging::settings::DEFAULT_PUBLISH_WINDOW`]), so one round fills the window and
+/// pays the broker's confirm latency (it confirms persistent messages once they are on disk, a
+/// few milliseconds) once for the whole window. With 256 rows a round the relay managed about
+/// 2,500 events/s on the benchmark machine, waiting on confirms; a round of 1024 rows is still
+/// well under a megabyte of memory and one short `UPDATE`.
+pub const BATCH_SIZE: i64 = 1024;
 
 /// When nothing is pending, the relay also looks once a second, in case a writer forgot to
 /// [`notify`](OutboxRelay::notify) (or another process wrote the row).
