@@ -38,20 +38,20 @@ pub enum ClientError {
         dependency: &'static str,
     },
     /// Could not connect.
-    #[error("cannot connect to {dependency}: {source}")]
+    #[error("cannot connect to {dependency}: {}", chain(.source.as_ref()))]
     Connect {
         /// Dependency name.
         dependency: &'static str,
-        /// Cause.
-        source: reqwest::Error,
+        /// Cause (the HTTP client's error, whose sources say why: refused, timed out, ...).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Other transport failure (connection reset mid-response, ...).
-    #[error("transport error talking to {dependency}: {source}")]
+    #[error("transport error talking to {dependency}: {}", chain(.source.as_ref()))]
     Transport {
         /// Dependency name.
         dependency: &'static str,
-        /// Cause.
-        source: reqwest::Error,
+        /// Cause (the HTTP client's error, whose sources say what broke).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The breaker is open: failing fast without calling.
     #[error("circuit breaker for {dependency} is open")]
@@ -216,6 +216,19 @@ impl ClientError {
     fn dependency_name(&self) -> &'static str {
         self.dependency().unwrap_or("a dependency")
     }
+}
+
+/// `error` and its sources, `: `-separated. The HTTP client's own message is terse ("client error
+/// (Connect)"); the reason a log reader needs ("Connection refused") is further down the chain.
+fn chain(error: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 /// `429` and `5xx` except `501`: worth asking again.
