@@ -345,6 +345,7 @@ def relay_backlog(stack: Stack, events: int) -> Run:
                 rows,
             )
         committed = time.time()
+        cpu_before = stack.cpu_seconds()
         status, body = http("PUT", pricing.url(f"/prices/{SKU}"), {"price": 39.9})
         if status != 200:
             raise SystemExit(f"bench: PUT /prices/{SKU} answered {status}: {body[:300]!r}")
@@ -359,6 +360,8 @@ def relay_backlog(stack: Stack, events: int) -> Run:
                 break
             time.sleep(0.05)
         last = db.execute("SELECT max(sent_at) FROM outbox WHERE id >= ?", (first,)).fetchone()[0]
+        cpu = {k: v - cpu_before.get(k, 0) for k, v in stack.cpu_seconds().items()}
+        log("  CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()))
     finally:
         db.close()
     sent = events + 1 - unsent
