@@ -48,12 +48,20 @@ impl Settings {
                 reason: "a zero budget would time out every request".to_owned(),
             });
         }
+        let mut order = ClientConfig::from_env("order", env, "ORDER_URL", "http://order:4001")?;
+        // Placing an order is itself a chain of calls with their own attempt timeouts and retries
+        // (order → pricing, inventory). Cutting order-service's attempt at the same 2 s would cut
+        // its retries short, and its own timeouts would never count against its breakers (a
+        // timeout cut short by the deadline says nothing about the dependency). So the gateway
+        // gives each attempt at order-service the whole edge budget: the hop's timeout sits
+        // inside its caller's, never equal to it.
+        order.attempt_timeout = order.attempt_timeout.max(request_budget);
         Ok(Self {
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 8080)?,
             request_budget,
             admin_api_key: AdminApiKey::new(env.string_or("ADMIN_API_KEY", DEFAULT_ADMIN_API_KEY)),
-            order: ClientConfig::from_env("order", env, "ORDER_URL", "http://order:4001")?,
+            order,
             inventory: ClientConfig::from_env(
                 "inventory",
                 env,

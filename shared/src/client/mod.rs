@@ -400,10 +400,11 @@ impl ResilientClient {
                 }
                 Err(error) => error,
             };
-            permit.record(counts_against_breaker(
-                &error,
-                wait >= config.attempt_timeout,
-            ));
+            match breaker_verdict(&error, wait >= config.attempt_timeout) {
+                Some(failed) => permit.record(failed),
+                // Dropping the permit releases a half-open probe slot and counts nothing.
+                None => drop(permit),
+            }
 
             attempt += 1;
             let delay = match self.retry_delay(retryable, attempt, &error, deadline) {
@@ -627,25 +628,27 @@ fn validate(config: &ClientConfig) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Whether an attempt's error says the dependency is unhealthy: connect and transport errors,
-/// `5xx` but `501`, and timeouts of attempts that had their whole `attempt_timeout` (one cut short
-/// by the caller's deadline says nothing about the dependency). A `4xx` or `429` means it is alive.
-fn counts_against_breaker(error: &ClientError, had_full_attempt_timeout: bool) -> bool {
+/// What an attempt's error says about the dependency's health: `Some(true)` unhealthy (connect
+/// and transport errors, `5xx` but `501`, a timeout of an attempt that had its whole
+/// `attempt_timeout`), `Some(false)` alive (it answered: `4xx`, `429`, or a `5xx` naming a failure
+/// behind it), `None` nothing at all (a timeout cut short by the caller's deadline, a body we could
+/// not decode). `None` must not count as a success either: it would reset the consecutive-failure
+/// count, and a hanging dependency whose last attempt is always clipped would never trip.
+fn breaker_verdict(error: &ClientError, had_full_attempt_timeout: bool) -> Option<bool> {
     match error {
-        ClientError::Timeout { .. } => had_full_attempt_timeout,
-        ClientError::Connect { .. } | ClientError::Transport { .. } => true,
-        // The dependency answered, and says the failure is behind it: it is healthy.
+        ClientError::Timeout { .. } => had_full_attempt_timeout.then_some(true),
+        ClientError::Connect { .. } | ClientError::Transport { .. } => Some(true),
         ClientError::Status {
             downstream: Some(_),
             ..
-        } => false,
+        } => Some(false),
         ClientError::Status { status, .. } => {
-            status.is_server_error() && *status != StatusCode::NOT_IMPLEMENTED
+            Some(status.is_server_error() && *status != StatusCode::NOT_IMPLEMENTED)
         }
         ClientError::DeadlineExceeded { .. }
         | ClientError::CircuitOpen { .. }
         | ClientError::Decode { .. }
-        | ClientError::Config(_) => false,
+        | ClientError::Config(_) => None,
     }
 }
 

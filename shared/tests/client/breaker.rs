@@ -209,3 +209,45 @@ async fn failures_a_dependency_reports_from_behind_it_neither_trip_the_breaker_n
     assert_eq!(client.breaker_state(), BreakerState::Closed);
     assert_eq!(received(&upstream).await.len(), 5);
 }
+
+#[tokio::test]
+async fn full_attempt_timeouts_inside_a_longer_request_deadline_open_the_breaker() {
+    let upstream = MockServer::start().await;
+    healthy(&upstream, Duration::from_secs(5)).await;
+    let mut config = config(&[&upstream]);
+    config.breaker.failure_threshold = 2;
+    config.attempt_timeout = Duration::from_millis(200);
+    let client = client(config);
+
+    let result = shared::deadline::scope(
+        shared::deadline::Deadline::after(Duration::from_secs(3)),
+        client.send(ClientRequest::get("/prices/BK-12").idempotency_key("k")),
+    )
+    .await;
+
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(client.breaker_state(), BreakerState::Open);
+}
+
+#[tokio::test]
+async fn an_attempt_clipped_by_the_deadline_does_not_reset_the_failure_count() {
+    let upstream = MockServer::start().await;
+    healthy(&upstream, Duration::from_secs(5)).await;
+    let mut config = config(&[&upstream]);
+    config.breaker.failure_threshold = 3;
+    config.attempt_timeout = Duration::from_millis(200);
+    let client = client(config);
+
+    // Each call: two full 200 ms attempts (failures), then one clipped by the 500 ms deadline
+    // (no information). Two calls make four consecutive failures, past the threshold of three.
+    for _ in 0..2 {
+        let result = shared::deadline::scope(
+            shared::deadline::Deadline::after(Duration::from_millis(500)),
+            client.send(ClientRequest::get("/prices/BK-12")),
+        )
+        .await;
+        assert!(result.is_err(), "{result:?}");
+    }
+
+    assert_eq!(client.breaker_state(), BreakerState::Open);
+}
