@@ -32,19 +32,28 @@ pub struct Settings {
 /// gateway's edge budget, so a direct call is never allowed more than a call through the edge.
 const DEFAULT_REQUEST_BUDGET: Duration = Duration::from_secs(5);
 
+/// Pricing answers a one-row lookup in well under a millisecond, and a line can be priced from
+/// the cache instead, so a price attempt gets 500 ms rather than the general 2 s: two full
+/// attempts fit in the lookup budget (`placement.rs`), which lets a hanging pricing trip the
+/// breaker (only full attempts count) and fall back to the cache within about a second.
+const PRICING_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
 impl Settings {
     /// Reads the settings.
     ///
     /// # Errors
     /// [`ConfigError`] for a malformed variable.
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let mut pricing =
+            ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?;
+        pricing.attempt_timeout = pricing.attempt_timeout.min(PRICING_ATTEMPT_TIMEOUT);
         Ok(Self {
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 4001)?,
             database: DbSettings::from_env(env, crate::SERVICE)?,
             request_budget: env.millis_or("REQUEST_BUDGET_MS", DEFAULT_REQUEST_BUDGET)?,
             messaging: MessagingSettings::from_env(env)?,
-            pricing: ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?,
+            pricing,
             inventory: ClientConfig::from_env(
                 "inventory",
                 env,

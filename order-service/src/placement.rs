@@ -45,6 +45,11 @@ const COMPENSATION_BUDGET: Duration = Duration::from_secs(5);
 /// passes and the deadline layer answers a generic `504` instead.
 const ANSWER_MARGIN: Duration = Duration::from_millis(10);
 
+/// The most a live price lookup may take, retries included, before the line is priced from the
+/// cache: two of pricing's 500 ms attempts (see `config.rs`) and a backoff, about a quarter of the
+/// 5 s edge budget, leaving the rest for reserving and storing.
+const PRICE_LOOKUP_BUDGET: Duration = Duration::from_millis(1200);
+
 /// `Retry-After` for "pricing unavailable" when the client error does not suggest one: pricing
 /// outages seen here are a restart or a breaker cycle, and a second is the shortest useful wait.
 const PRICING_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -378,7 +383,11 @@ impl OrderPlacement {
     /// Prices one line live, refreshing the cache; falls back to the cache when pricing cannot
     /// answer (but not when it says the SKU does not exist).
     async fn price_line(&self, sku: &str) -> Result<LinePrice, PlacementError> {
-        let error = match self.pricing.price(sku).await {
+        // A cached price is an acceptable answer, so a live lookup may not spend the budget that
+        // the reservations and the store need: it gets at most PRICE_LOOKUP_BUDGET.
+        let lookup = Deadline::after(PRICE_LOOKUP_BUDGET);
+        let lookup = deadline::current().map_or(lookup, |request| request.min(lookup));
+        let error = match deadline::scope(lookup, self.pricing.price(sku)).await {
             Ok(live) => {
                 self.prices.put(sku, live.price, &live.currency);
                 return Ok(LinePrice {

@@ -69,3 +69,34 @@ async fn with_pricing_down_and_nothing_cached_the_order_is_503_with_retry_after_
     assert_eq!(app.released().await, [reservation.to_string()]);
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn with_pricing_hanging_the_line_is_priced_from_the_cache_well_within_the_budget() {
+    let app = spawn_app().await;
+    app.given_stock("BK-12").await;
+    let live = price_mock("BK-12", 39.90)
+        .mount_as_scoped(&app.pricing)
+        .await;
+    app.placed(&[("BK-12", 1)]).await;
+    drop(live);
+    // Pricing accepts the request and never answers in time.
+    wiremock::Mock::given(wiremock::matchers::method("GET"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_delay(std::time::Duration::from_secs(30)),
+        )
+        .mount(&app.pricing)
+        .await;
+
+    let started = std::time::Instant::now();
+    let order = app.placed(&[("BK-12", 1)]).await;
+
+    // The live lookup gives up after its own budget (about 1.2 s), not the request's 5 s.
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(order["lines"][0]["priceSource"], "cache");
+    assert_eq!(order["lines"][0]["unitPrice"], json!(39.9));
+    app.teardown().await;
+}
