@@ -83,6 +83,9 @@ fn placement_problem(error: &PlacementError) -> Problem {
                     "no price for {sku} can be found right now; the order was not placed"
                 ))
                 .with("sku", sku)
+                // Names the failed dependency (and so sets `x-failed-dependency`): the gateway
+                // must not count this answer against order-service's own health.
+                .with("dependency", "pricing")
                 .retry_after(*retry_after)
         }
         PlacementError::MixedCurrencies(a, b) => {

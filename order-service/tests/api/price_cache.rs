@@ -64,8 +64,14 @@ async fn with_pricing_down_and_nothing_cached_the_order_is_503_with_retry_after_
 
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
+    let response_dependency_header = response.headers()["x-failed-dependency"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     let problem: Value = response.json().await.expect("problem JSON");
     assert_eq!(problem["sku"], "TS-33");
+    assert_eq!(problem["dependency"], "pricing");
+    assert_eq!(response_dependency_header, "pricing");
     assert_eq!(app.released().await, [reservation.to_string()]);
     app.teardown().await;
 }
