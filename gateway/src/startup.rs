@@ -6,7 +6,7 @@ use shared::client::ResilientClient;
 use shared::health::{self, CheckStatus, Health};
 use shared::metrics::Metrics;
 use shared::server::{self, Chassis, DEFAULT_BODY_LIMIT};
-use shared::shutdown::{self, DEFAULT_DRAIN};
+use shared::shutdown::DEFAULT_DRAIN;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -78,13 +78,7 @@ impl Application {
     /// # Errors
     /// Fails if serving fails.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let stop = CancellationToken::new();
-        let trigger = stop.clone();
-        tokio::spawn(async move {
-            shutdown::signal().await;
-            trigger.cancel();
-        });
-        self.run_until(stop).await
+        self.run_until(shared::shutdown::on_signal()).await
     }
 
     /// Serves until `shutdown` is cancelled (tests own the token).

@@ -1,13 +1,11 @@
 //! Wiring: database, clients, broker, outbox relay and routes, and their orderly shutdown.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use serde_json::json;
 use shared::client::ResilientClient;
-use shared::health::{CheckStatus, Health};
+use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
 use shared::outbox::OutboxRelay;
@@ -25,10 +23,6 @@ use crate::placement::OrderPlacement;
 use crate::routes;
 use crate::state::AppState;
 use crate::store::{MIGRATIONS, OrderRepository, SqliteOrderRepository};
-
-/// A readiness probe that takes longer than this counts as failing: a healthy SQLite answers
-/// `SELECT 1` in microseconds, and the probe must answer well within an orchestrator's 1 s timeout.
-const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The built service, bound to its port, not yet serving.
 pub struct Application {
@@ -131,13 +125,7 @@ impl Application {
     /// # Errors
     /// Serving failed.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            shared::shutdown::signal().await;
-            trigger.cancel();
-        });
-        self.run_until(shutdown).await
+        self.run_until(shared::shutdown::on_signal()).await
     }
 
     /// Serves until `shutdown` is cancelled, drains in-flight requests, then stops the outbox
@@ -173,13 +161,7 @@ fn readiness_checks(
     Health::new(SERVICE)
         .critical("database", move || {
             let orders = orders.clone();
-            async move {
-                match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, orders.ping()).await {
-                    Ok(Ok(())) => CheckStatus::ok(json!("reachable")),
-                    Ok(Err(error)) => CheckStatus::failing(json!(error.to_string())),
-                    Err(_) => CheckStatus::failing(json!("timed out")),
-                }
-            }
+            async move { shared::health::timed_probe(orders.ping()).await }
         })
         .critical("broker", move || {
             let broker = broker.clone();

@@ -1,12 +1,10 @@
 //! Wiring: database, broker, outbox relay and routes, and their orderly shutdown.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
-use serde_json::json;
-use shared::health::{CheckStatus, Health};
+use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
 use shared::outbox::OutboxRelay;
@@ -21,10 +19,6 @@ use crate::messaging::OrderEventsHandler;
 use crate::routes;
 use crate::state::AppState;
 use crate::store::{MIGRATIONS, PriceStore, SqlitePriceStore};
-
-/// A readiness probe that takes longer than this counts as failing: a healthy SQLite answers
-/// `SELECT 1` in microseconds, and the probe must answer well within an orchestrator's 1 s timeout.
-const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The built service, bound to its port, not yet serving.
 pub struct Application {
@@ -102,14 +96,7 @@ impl Application {
     /// # Errors
     /// Serving failed.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            shared::shutdown::signal().await;
-            tracing::info!("shutdown signal received");
-            trigger.cancel();
-        });
-        self.run_until(shutdown).await
+        self.run_until(shared::shutdown::on_signal()).await
     }
 
     /// Serves until `shutdown` is cancelled, drains in-flight requests, then stops the outbox
@@ -136,13 +123,7 @@ fn readiness_checks(store: Arc<dyn PriceStore>, broker: Broker) -> Health {
     Health::new(SERVICE)
         .critical("database", move || {
             let store = store.clone();
-            async move {
-                match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, store.ping()).await {
-                    Ok(Ok(())) => CheckStatus::ok(json!("reachable")),
-                    Ok(Err(error)) => CheckStatus::failing(json!(error.to_string())),
-                    Err(_) => CheckStatus::failing(json!("timed out")),
-                }
-            }
+            async move { shared::health::timed_probe(store.ping()).await }
         })
         .critical("broker", move || {
             let broker = broker.clone();

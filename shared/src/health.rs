@@ -39,6 +39,23 @@ impl CheckStatus {
     }
 }
 
+/// A probe that takes longer than this counts as failing: a healthy local dependency (SQLite's
+/// `SELECT 1`) answers in microseconds, and `/readyz` must answer well within an orchestrator's
+/// usual 1 s probe timeout.
+pub const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs `probe` under [`PROBE_TIMEOUT`]: `Ok` → ok (`"reachable"`), an error or a timeout → failing
+/// with the reason. For dependencies a service cannot work without, such as its database.
+pub async fn timed_probe<E: std::fmt::Display>(
+    probe: impl Future<Output = Result<(), E>>,
+) -> CheckStatus {
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok(())) => CheckStatus::ok(json!("reachable")),
+        Ok(Err(error)) => CheckStatus::failing(json!(error.to_string())),
+        Err(_) => CheckStatus::failing(json!("timed out")),
+    }
+}
+
 type Probe = Arc<dyn Fn() -> BoxFuture<'static, CheckStatus> + Send + Sync>;
 
 #[derive(Clone)]

@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 /// How long a stopping service keeps serving requests already in flight. Compose and Kubernetes
 /// send SIGKILL 10 s (Docker) to 30 s (Kubernetes) after SIGTERM; 8 s stays inside both.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(8);
@@ -33,6 +35,20 @@ pub async fn signal() {
         () = ctrl_c => tracing::info!("received SIGINT, shutting down"),
         () = terminate => tracing::info!("received SIGTERM, shutting down"),
     }
+}
+
+/// A token that is cancelled when the process receives SIGINT or SIGTERM (see [`signal`]).
+///
+/// Services serve until a token is cancelled: `run_until_stopped` passes this one, tests pass
+/// their own, so both take the same shutdown path.
+pub fn on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        signal().await;
+        trigger.cancel();
+    });
+    token
 }
 
 /// Runs `work` until it finishes by itself, or until `drain` after `stop` completes.
