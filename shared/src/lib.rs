@@ -16,6 +16,7 @@
 //! | [`money`] | amounts in cents |
 //! | [`config`] | reading the environment in one place |
 //! | [`shutdown`] | SIGINT/SIGTERM and bounded draining |
+//! | `testing` (feature `testing`) | what every test harness shares: `assert_eventually`, the test broker, quiet logs |
 
 pub mod client;
 pub mod config;
@@ -33,3 +34,5 @@ pub mod problem;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;

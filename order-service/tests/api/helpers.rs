@@ -2,9 +2,7 @@
 //! faked by wiremock servers, and a connection to the real RabbitMQ under a namespace of its own
 //! with a recorder of the events the service publishes.
 
-use std::future::Future;
-use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use order_service::config::Settings;
@@ -17,34 +15,11 @@ use shared::events::{Event, OrderCancelled, OrderPlaced};
 use shared::messaging::{
     Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, OutgoingMessage,
 };
-use shared::telemetry::{LogFormat, TelemetrySettings, get_subscriber, init_subscriber};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use wiremock::matchers::{body_partial_json, method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-/// The development broker; `AMQP_URL` overrides it (CI, a remote broker).
-const LOCAL_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// How long an asynchronous effect may take before a test fails: a message's round trip through
-/// a local broker takes milliseconds, so ten seconds only ever expires on a real failure.
-const EVENTUALLY: Duration = Duration::from_secs(10);
-
-/// How often a condition is polled while waiting for it.
-const POLL: Duration = Duration::from_millis(25);
-
-/// Logs go to stdout when `TEST_LOG` is set, nowhere otherwise.
-static TRACING: LazyLock<()> = LazyLock::new(|| {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let settings = TelemetrySettings {
-            format: LogFormat::Json,
-            filter: "info".to_owned(),
-        };
-        let _ = init_subscriber(get_subscriber("test", &settings, std::io::stdout));
-    }
-});
 
 /// A running service and what a test needs to drive it.
 pub struct TestApp {
@@ -85,11 +60,11 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns the service after `customise` has adjusted its settings.
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
-    LazyLock::force(&TRACING);
+    shared::testing::init_test_logs();
     let pricing = MockServer::start().await;
     let inventory = MockServer::start().await;
     let namespace = format!("t-{}", Uuid::new_v4());
-    let amqp_url = std::env::var("AMQP_URL").unwrap_or_else(|_| LOCAL_AMQP_URL.to_owned());
+    let amqp_url = shared::testing::amqp_url();
     let pricing_url = pricing.uri();
     let inventory_url = inventory.uri();
     let env = Env::from_pairs([
@@ -394,18 +369,4 @@ pub fn reserve_mock(sku: &str, reservation_id: Uuid) -> Mock {
         })
 }
 
-/// Polls `condition` until it holds, failing the test after [`EVENTUALLY`].
-pub async fn assert_eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + EVENTUALLY;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
+pub use shared::testing::assert_eventually;

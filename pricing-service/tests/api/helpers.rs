@@ -2,9 +2,7 @@
 //! real RabbitMQ under a namespace of its own, plus a test connection in that namespace that
 //! publishes events and receives every `price.changed`.
 
-use std::future::Future;
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use pricing_service::config::Settings;
@@ -14,33 +12,10 @@ use shared::events::{Event, PriceChanged};
 use shared::messaging::{
     Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, OutgoingMessage,
 };
-use shared::telemetry::{LogFormat, TelemetrySettings, get_subscriber, init_subscriber};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// The development broker; `AMQP_URL` overrides it (CI, a remote broker).
-const LOCAL_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-/// How long an asynchronous effect may take before a test fails: a message's round trip through
-/// a local broker takes milliseconds, so ten seconds only ever expires on a real failure.
-const EVENTUALLY: Duration = Duration::from_secs(10);
-
-/// How often a condition is polled while waiting for it.
-const POLL: Duration = Duration::from_millis(25);
-
-/// Logs go to stdout when `TEST_LOG` is set, nowhere otherwise.
-static TRACING: LazyLock<()> = LazyLock::new(|| {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let settings = TelemetrySettings {
-            format: LogFormat::Json,
-            filter: "info".to_owned(),
-        };
-        let _ = init_subscriber(get_subscriber("test", &settings, std::io::stdout));
-    }
-});
 
 /// Hands every message of the test's queue to the test.
 struct Forward(mpsc::UnboundedSender<IncomingMessage>);
@@ -73,9 +48,9 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns the service after `customise` has adjusted its settings.
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
-    LazyLock::force(&TRACING);
+    shared::testing::init_test_logs();
     let namespace = format!("t-{}", Uuid::new_v4());
-    let amqp_url = std::env::var("AMQP_URL").unwrap_or_else(|_| LOCAL_AMQP_URL.to_owned());
+    let amqp_url = shared::testing::amqp_url();
     let env = Env::from_pairs([
         ("HOST", "127.0.0.1"),
         ("PORT", "0"),
@@ -161,10 +136,10 @@ impl TestApp {
             .expect("PUT /prices")
     }
 
-    /// The next `price.changed` the service published, failing after [`EVENTUALLY`].
+    /// The next `price.changed` the service published, failing after [`EVENTUALLY`](shared::testing::EVENTUALLY).
     pub async fn next_price_changed(&self) -> (IncomingMessage, PriceChanged) {
         let mut receiver = self.price_changes.lock().await;
-        let message = tokio::time::timeout(EVENTUALLY, receiver.recv())
+        let message = tokio::time::timeout(shared::testing::EVENTUALLY, receiver.recv())
             .await
             .expect("price.changed is published in time")
             .expect("the test consumer is running");
@@ -199,18 +174,4 @@ impl TestApp {
     }
 }
 
-/// Polls `condition` until it holds, failing the test after [`EVENTUALLY`].
-pub async fn assert_eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + EVENTUALLY;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
+pub use shared::testing::assert_eventually;
