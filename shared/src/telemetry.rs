@@ -9,6 +9,9 @@
 //!
 //! The correlation ID is read from the task-local set by [`crate::correlation`] at the moment the
 //! event is logged, so every line written while handling a request or a message carries it.
+//! Each key appears once per line, even when nested spans repeat a field (`service`, `queue`): the
+//! event's own field wins, then the innermost span's, since duplicate keys are read differently
+//! by different JSON parsers (first wins, last wins, or an error).
 //! `tracing-subscriber`'s own JSON format nests span fields and names the message `message`;
 //! grepping and shipping logs is simpler with one flat object in the shape above, hence this layer.
 
@@ -159,12 +162,8 @@ impl<W> JsonLayer<W> {
     }
 }
 
-/// Span fields, pre-rendered as JSON members (`,"key":value`) when the span is created, and
-/// whether one of them is `service`.
-struct SpanFields {
-    members: Vec<u8>,
-    has_service: bool,
-}
+/// Span fields, pre-rendered as JSON members (`,"key":value`) when the span is created.
+struct SpanFields(Members);
 
 impl<S, W> Layer<S> for JsonLayer<W>
 where
@@ -175,24 +174,20 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut visitor = JsonVisitor::default();
         attrs.record(&mut visitor);
-        span.extensions_mut().insert(SpanFields {
-            members: visitor.members,
-            has_service: visitor.has_service,
-        });
+        span.extensions_mut().insert(SpanFields(visitor.members));
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
-        if let Some(fields) = extensions.get_mut::<SpanFields>() {
-            let mut visitor = JsonVisitor {
-                members: std::mem::take(&mut fields.members),
-                has_service: fields.has_service,
-                ..JsonVisitor::default()
-            };
+        if let Some(SpanFields(members)) = extensions.get_mut::<SpanFields>() {
+            let mut visitor = JsonVisitor::default();
             values.record(&mut visitor);
-            fields.members = visitor.members;
-            fields.has_service = visitor.has_service;
+            // A field recorded again replaces its earlier value.
+            for (key, _) in &visitor.members.keys {
+                members.remove(key);
+            }
+            members.append(&visitor.members);
         }
     }
 
@@ -214,22 +209,26 @@ where
         line.extend_from_slice(level_name(event.metadata().level()).as_bytes());
         line.push(b'"');
 
-        // Span fields, innermost span first; the service name may come from a span (several
-        // services in one test process) and falls back to this process's own.
-        let mut spans = Vec::new();
-        let mut service_in_span = false;
-        if let Some(scope) = ctx.event_scope(event) {
-            for span in scope {
-                if let Some(fields) = span.extensions().get::<SpanFields>() {
-                    service_in_span |= fields.has_service;
-                    spans.extend_from_slice(&fields.members);
-                }
+        // Span fields, innermost span first. The service name may come from the event or a
+        // span (several services in one test process) and falls back to this process's own.
+        let spans: Vec<_> = ctx.event_scope(event).into_iter().flatten().collect();
+        let extensions: Vec<_> = spans.iter().map(|span| span.extensions()).collect();
+        let span_members = extensions
+            .iter()
+            .filter_map(|extensions| extensions.get::<SpanFields>())
+            .map(|SpanFields(members)| members);
+        let sources: Vec<&Members> = std::iter::once(&visitor.members)
+            .chain(span_members)
+            .collect();
+        let mut written: Vec<&str> = vec!["timestamp", "level", "correlationId", "msg", "target"];
+        match sources.iter().find_map(|members| members.get("service")) {
+            Some(member) => line.extend_from_slice(member),
+            None => {
+                push_key(&mut line, "service");
+                push_str(&mut line, self.service);
             }
         }
-        if !service_in_span {
-            push_key(&mut line, "service");
-            push_str(&mut line, self.service);
-        }
+        written.push("service");
         if let Some(id) = correlation::current() {
             push_key(&mut line, "correlationId");
             push_str(&mut line, id.as_str());
@@ -241,8 +240,14 @@ where
         }
         push_key(&mut line, "target");
         push_str(&mut line, event.metadata().target());
-        line.extend_from_slice(&visitor.members);
-        line.extend_from_slice(&spans);
+        for members in sources {
+            for (key, member) in members.iter() {
+                if !written.contains(&key) {
+                    written.push(key);
+                    line.extend_from_slice(member);
+                }
+            }
+        }
         line.extend_from_slice(b"}\n");
 
         let _ = self.writer.make_writer().write_all(&line);
@@ -311,12 +316,64 @@ impl std::fmt::Write for JsonEscaped<'_> {
     }
 }
 
+/// Rendered JSON members (`,"key":value` each) in one buffer, with where each one starts.
+#[derive(Default)]
+struct Members {
+    bytes: Vec<u8>,
+    keys: Vec<(&'static str, usize)>,
+}
+
+impl Members {
+    /// Starts the member `key`; its value is appended to the returned buffer.
+    fn start(&mut self, key: &'static str) -> &mut Vec<u8> {
+        self.keys.push((key, self.bytes.len()));
+        push_key(&mut self.bytes, key);
+        &mut self.bytes
+    }
+
+    /// Each key with its rendered member, in the order they were added.
+    fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
+        self.keys.iter().enumerate().map(|(i, &(key, start))| {
+            let end = self
+                .keys
+                .get(i + 1)
+                .map_or(self.bytes.len(), |&(_, next)| next);
+            (key, &self.bytes[start..end])
+        })
+    }
+
+    /// The rendered member `key`, if present.
+    fn get(&self, key: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, member)| member)
+    }
+
+    /// Drops the member `key`, if present.
+    fn remove(&mut self, key: &str) {
+        if self.get(key).is_some() {
+            let kept = std::mem::take(self);
+            for (k, member) in kept.iter().filter(|(k, _)| *k != key) {
+                self.keys.push((k, self.bytes.len()));
+                self.bytes.extend_from_slice(member);
+            }
+        }
+    }
+
+    /// Appends every member of `other`.
+    fn append(&mut self, other: &Self) {
+        for (key, member) in other.iter() {
+            self.keys.push((key, self.bytes.len()));
+            self.bytes.extend_from_slice(member);
+        }
+    }
+}
+
 /// Renders fields as JSON members, keeping the `message` field apart (already a JSON string).
 #[derive(Default)]
 struct JsonVisitor {
-    members: Vec<u8>,
+    members: Members,
     message: Option<Vec<u8>>,
-    has_service: bool,
 }
 
 impl JsonVisitor {
@@ -325,9 +382,7 @@ impl JsonVisitor {
         if field.name() == "message" {
             self.message.insert(Vec::new())
         } else {
-            self.has_service |= field.name() == "service";
-            push_key(&mut self.members, field.name());
-            &mut self.members
+            self.members.start(field.name())
         }
     }
 }
@@ -463,6 +518,45 @@ mod tests {
         assert_eq!(line["ratio"], 0.5);
         assert!(line["nan"].is_null());
         assert_eq!(line["flag"], true);
+    }
+
+    #[test]
+    fn a_field_repeated_by_the_event_and_nested_spans_is_written_once_innermost_first() {
+        let logs = CapturedLogs::default();
+        let settings = TelemetrySettings {
+            format: LogFormat::Json,
+            filter: "info".to_owned(),
+        };
+        let subscriber = get_subscriber("test", &settings, logs.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!("consumer", service = "pricing", queue = "outer");
+            let _outer = outer.enter();
+            let inner = tracing::info_span!(
+                "message",
+                service = "inventory",
+                queue = "inner",
+                message_id = "span-id",
+                attempt = tracing::field::Empty,
+            );
+            let _inner = inner.enter();
+            inner.record("attempt", 1_u32);
+            inner.record("attempt", 2_u32);
+            tracing::info!(message_id = "event-id", msg = "shadowed", "handled message");
+        });
+        let raw = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8");
+        for key in ["service", "queue", "message_id", "attempt", "msg"] {
+            assert_eq!(
+                raw.matches(&format!("\"{key}\":")).count(),
+                1,
+                "{key} once in {raw}"
+            );
+        }
+        let line = &logs.lines()[0];
+        assert_eq!(line["service"], "inventory");
+        assert_eq!(line["queue"], "inner");
+        assert_eq!(line["message_id"], "event-id");
+        assert_eq!(line["attempt"], 2);
+        assert_eq!(line["msg"], "handled message");
     }
 
     #[test]
