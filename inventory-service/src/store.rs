@@ -251,6 +251,22 @@ async fn adjust_stock(
     Ok(())
 }
 
+/// Marks the reservation an event line names committed if it is still held and matches the
+/// line; `false` (nothing changed) otherwise.
+async fn commit_held(conn: &mut SqliteConnection, line: &EventLine) -> Result<bool, sqlx::Error> {
+    let changed = sqlx::query(
+        "UPDATE reservations SET status = 'committed' \
+         WHERE id = ? AND sku = ? AND qty = ? AND status = 'reserved'",
+    )
+    .bind(line.reservation_id.to_string())
+    .bind(&line.sku)
+    .bind(i64::from(line.qty))
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(changed == 1)
+}
+
 /// Loads the reservation an event line names and checks that the line describes it.
 async fn reservation_for_line(
     conn: &mut SqliteConnection,
@@ -338,9 +354,63 @@ impl InventoryStore for SqliteInventoryStore {
     fn reserve(&self, request: ReserveStock) -> BoxFuture<'_, Result<Reserved, StoreError>> {
         Box::pin(async move {
             let qty = request.qty.get();
-            // One write transaction from the idempotency lookup to the insert: a concurrent
-            // request with the same key waits for the lock and then finds this reservation.
+            // One write transaction for the whole decision, so a concurrent request with the same
+            // key waits for the lock and then finds this reservation. The common case costs two
+            // statements: take the units if enough are available, then record the reservation.
+            // Every statement is a round trip to sqlx's SQLite worker thread, and this is the
+            // hottest write of the order path.
             let mut tx = begin_write(&self.pool).await?;
+            let taken = sqlx::query(
+                "UPDATE stock SET reserved = reserved + ?1 \
+                 WHERE sku = ?2 AND on_hand - reserved >= ?1 \
+                 RETURNING on_hand - reserved AS remaining",
+            )
+            .bind(i64::from(qty))
+            .bind(&request.sku)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = taken {
+                let reservation = Reservation {
+                    id: Uuid::new_v4(),
+                    sku: request.sku.clone(),
+                    qty,
+                    order_id: request.order_id,
+                    status: ReservationStatus::Reserved,
+                    remaining_after: row.try_get("remaining")?,
+                    // Stored in milliseconds: answer what a replay will read back.
+                    expires_at: from_millis(millis(request.expires_at)),
+                };
+                // The UNIQUE key turns a replay into "nothing inserted" instead of a second
+                // reservation; it is then answered below, after the units are given back.
+                let inserted = sqlx::query(
+                    "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
+                     remaining_after, created_at_ms, expires_at_ms) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (idempotency_key) DO NOTHING",
+                )
+                .bind(reservation.id.to_string())
+                .bind(&reservation.sku)
+                .bind(i64::from(qty))
+                .bind(reservation.order_id.map(|id| id.to_string()))
+                .bind(request.idempotency_key.as_ref().map(IdempotencyKey::as_str))
+                .bind(reservation.status.as_str())
+                .bind(reservation.remaining_after)
+                .bind(millis(request.now))
+                .bind(millis(reservation.expires_at))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 1 {
+                    tx.commit().await?;
+                    return Ok(Reserved {
+                        reservation,
+                        replayed: false,
+                    });
+                }
+            }
+            // Nothing new is reserved: a replay of an earlier key, an unknown SKU or short stock.
+            // Still inside the transaction (whose UPDATE, if any, is rolled back when it drops),
+            // so the answer describes the same state the UPDATE saw.
             if let Some(key) = &request.idempotency_key {
                 let earlier = sqlx::query(&format!(
                     "SELECT {RESERVATION_COLUMNS} WHERE idempotency_key = ?"
@@ -367,43 +437,10 @@ impl InventoryStore for SqliteInventoryStore {
                 .map(stock_from_row)
                 .transpose()?
                 .ok_or_else(|| StoreError::UnknownSku(request.sku.clone()))?;
-            if stock.available < i64::from(qty) {
-                return Err(StoreError::InsufficientStock {
-                    sku: request.sku,
-                    requested: qty,
-                    available: stock.available.max(0),
-                });
-            }
-            adjust_stock(&mut tx, &request.sku, 0, i64::from(qty)).await?;
-            let reservation = Reservation {
-                id: Uuid::new_v4(),
+            Err(StoreError::InsufficientStock {
                 sku: request.sku,
-                qty,
-                order_id: request.order_id,
-                status: ReservationStatus::Reserved,
-                remaining_after: stock.available - i64::from(qty),
-                // Stored in milliseconds: answer what a replay will read back.
-                expires_at: from_millis(millis(request.expires_at)),
-            };
-            sqlx::query(
-                "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
-                 remaining_after, created_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(reservation.id.to_string())
-            .bind(&reservation.sku)
-            .bind(i64::from(qty))
-            .bind(reservation.order_id.map(|id| id.to_string()))
-            .bind(request.idempotency_key.as_ref().map(IdempotencyKey::as_str))
-            .bind(reservation.status.as_str())
-            .bind(reservation.remaining_after)
-            .bind(millis(request.now))
-            .bind(millis(reservation.expires_at))
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Reserved {
-                reservation,
-                replayed: false,
+                requested: qty,
+                available: stock.available.max(0),
             })
         })
     }
@@ -472,9 +509,19 @@ impl InventoryStore for SqliteInventoryStore {
             }
             let mut applied = Applied::default();
             for line in &lines {
+                let qty = i64::from(line.qty);
+                // The common case in two statements: the line's reservation is still held, so
+                // mark it committed and take its units off both levels. Anything else (expired,
+                // already committed, released, not matching the line) takes the slow path.
+                if commit_held(&mut tx, line).await? {
+                    adjust_stock(&mut tx, &line.sku, -qty, -qty).await?;
+                    applied.changed += 1;
+                    continue;
+                }
                 let reservation = reservation_for_line(&mut tx, line).await?;
-                let qty = i64::from(reservation.qty);
                 match reservation.status {
+                    // Not after `commit_held` in this transaction; kept so the match says what
+                    // committing a held reservation means.
                     ReservationStatus::Reserved => {
                         adjust_stock(&mut tx, &reservation.sku, -qty, -qty).await?;
                         applied.changed += 1;
@@ -694,5 +741,31 @@ mod tests {
 
         assert!(matches!(refused, Err(StoreError::Committed(id)) if id == reservation.id));
         assert_eq!(stock(&store, "ST-01").await, Stock::new("ST-01", 499, 0));
+    }
+
+    #[tokio::test]
+    async fn a_replay_answers_its_first_reservation_even_once_the_stock_has_run_short() {
+        let store = store().await;
+        let now = OffsetDateTime::now_utc();
+        let keyed = |qty: u32| ReserveStock {
+            sku: "HD-44".to_owned(),
+            qty: Quantity::parse(&Number::from(qty)).expect("valid qty"),
+            order_id: None,
+            idempotency_key: Some(IdempotencyKey::parse(b"order-1:HD-44").expect("valid key")),
+            now,
+            expires_at: now + time::Duration::minutes(10),
+        };
+        let first = store.reserve(keyed(2)).await.expect("reserved");
+        // Only 1 of the 3 hoodies is left: a new reservation of 2 would be refused.
+        let replay = store.reserve(keyed(2)).await.expect("replayed");
+
+        assert!(replay.replayed);
+        assert_eq!(replay.reservation.id, first.reservation.id);
+        assert_eq!(replay.reservation.remaining_after, 1);
+        assert!(matches!(
+            store.reserve(keyed(1)).await,
+            Err(StoreError::KeyReused)
+        ));
+        assert_eq!(stock(&store, "HD-44").await, Stock::new("HD-44", 3, 2));
     }
 }
