@@ -40,10 +40,10 @@ impl Application {
     /// # Errors
     /// The database cannot be opened or migrated, or the port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_with(&settings.database, MIGRATIONS)
+        let database = shared::db::connect_with(&settings.database, MIGRATIONS)
             .await
             .with_context(|| format!("opening the database {}", settings.database.url))?;
-        let store: Arc<dyn InventoryStore> = Arc::new(SqliteInventoryStore::new(pool));
+        let store: Arc<dyn InventoryStore> = Arc::new(SqliteInventoryStore::new(database));
         let listener = shared::server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;

@@ -1,13 +1,13 @@
 //! Stock and reservations: the repository trait and its SQLite implementation.
 //!
-//! Every operation that reads and then writes runs in one `BEGIN IMMEDIATE` transaction
-//! ([`shared::db::begin_write`]): it takes SQLite's write lock up front, so two requests can never
-//! both read "enough stock" and both reserve, and a reader never has to upgrade to a writer
-//! mid-transaction (the upgrade is what fails with `SQLITE_BUSY` at once, bypassing the busy
-//! timeout).
+//! Every operation that reads and then writes runs in one `BEGIN IMMEDIATE` transaction on the
+//! service's write connection ([`shared::db::Database::begin_write`]): it takes SQLite's write
+//! lock up front, so two requests can never both read "enough stock" and both reserve, and a
+//! reader never has to upgrade to a writer mid-transaction (the upgrade is what fails with
+//! `SQLITE_BUSY` at once, bypassing the busy timeout).
 
 use futures::future::BoxFuture;
-use shared::db::begin_write;
+use shared::db::Database;
 use shared::events::EventLine;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -150,18 +150,18 @@ pub trait InventoryStore: Send + Sync + 'static {
 /// [`InventoryStore`] on SQLite.
 #[derive(Debug, Clone)]
 pub struct SqliteInventoryStore {
-    pool: SqlitePool,
+    db: Database,
 }
 
 impl SqliteInventoryStore {
-    /// A store over an opened, migrated pool.
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    /// A store over an opened, migrated database.
+    pub fn new(db: Database) -> Self {
+        Self { db }
     }
 
-    /// The underlying pool.
+    /// The read pool.
     pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        self.db.pool()
     }
 }
 
@@ -290,7 +290,7 @@ async fn reservation_for_line(
 impl InventoryStore for SqliteInventoryStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            sqlx::query("SELECT 1").execute(self.db.pool()).await?;
             Ok(())
         })
     }
@@ -298,7 +298,7 @@ impl InventoryStore for SqliteInventoryStore {
     fn list_stock(&self) -> BoxFuture<'_, Result<Vec<Stock>, StoreError>> {
         Box::pin(async move {
             let rows = sqlx::query("SELECT sku, on_hand, reserved FROM stock ORDER BY sku")
-                .fetch_all(&self.pool)
+                .fetch_all(self.db.pool())
                 .await?;
             Ok(rows.iter().map(stock_from_row).collect::<Result<_, _>>()?)
         })
@@ -308,7 +308,7 @@ impl InventoryStore for SqliteInventoryStore {
         Box::pin(async move {
             let row = sqlx::query("SELECT sku, on_hand, reserved FROM stock WHERE sku = ?")
                 .bind(sku)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db.pool())
                 .await?;
             Ok(row.as_ref().map(stock_from_row).transpose()?)
         })
@@ -325,7 +325,7 @@ impl InventoryStore for SqliteInventoryStore {
                     "onHand must not be negative, got {on_hand}"
                 )));
             }
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             let reserved: i64 = sqlx::query("SELECT reserved FROM stock WHERE sku = ?")
                 .bind(sku)
                 .fetch_optional(&mut *tx)
@@ -359,7 +359,7 @@ impl InventoryStore for SqliteInventoryStore {
             // statements: take the units if enough are available, then record the reservation.
             // Every statement is a round trip to sqlx's SQLite worker thread, and this is the
             // hottest write of the order path.
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             let taken = sqlx::query(
                 "UPDATE stock SET reserved = reserved + ?1 \
                  WHERE sku = ?2 AND on_hand - reserved >= ?1 \
@@ -447,7 +447,7 @@ impl InventoryStore for SqliteInventoryStore {
 
     fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>> {
         Box::pin(async move {
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             let reservation = find_reservation(&mut tx, id)
                 .await?
                 .ok_or(StoreError::UnknownReservation(id))?;
@@ -468,7 +468,7 @@ impl InventoryStore for SqliteInventoryStore {
     fn expire_due(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let now = millis(now);
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             // Set-based: give each SKU back the sum of its due reservations, then mark them, in
             // one transaction so the two statements see the same set.
             sqlx::query(
@@ -500,7 +500,7 @@ impl InventoryStore for SqliteInventoryStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             if !shared::inbox::record(&mut tx, message_id).await? {
                 return Ok(Applied {
                     duplicate: true,
@@ -569,7 +569,7 @@ impl InventoryStore for SqliteInventoryStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             if !shared::inbox::record(&mut tx, message_id).await? {
                 return Ok(Applied {
                     duplicate: true,

@@ -45,10 +45,11 @@ impl Application {
     /// The database cannot be opened or migrated, a client cannot be built, or the port cannot
     /// be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_with(&settings.database, MIGRATIONS)
+        let database = shared::db::connect_with(&settings.database, MIGRATIONS)
             .await
             .with_context(|| format!("opening the database {}", settings.database.url))?;
-        let orders: Arc<dyn OrderRepository> = Arc::new(SqliteOrderRepository::new(pool.clone()));
+        let orders: Arc<dyn OrderRepository> =
+            Arc::new(SqliteOrderRepository::new(database.clone()));
         let metrics = Metrics::new(SERVICE);
         let pricing = ResilientClient::new(settings.pricing.clone())
             .context("building the pricing client")?;
@@ -67,10 +68,10 @@ impl Application {
         let broker = Broker::start(
             SERVICE,
             settings.messaging.clone(),
-            messaging::consumers(pool.clone(), prices.clone()),
+            messaging::consumers(database.clone(), prices.clone()),
             background.clone(),
         );
-        let relay = OutboxRelay::new(pool, broker.publisher());
+        let relay = OutboxRelay::new(database, broker.publisher());
 
         let health = readiness_checks(orders.clone(), broker.clone(), &pricing, &inventory);
         let state = AppState {

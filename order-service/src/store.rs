@@ -5,11 +5,12 @@
 //! an event published for an order that was not stored.
 
 use futures::future::BoxFuture;
+use shared::db::Database;
 use shared::events::{EventLine, OrderCancelled, OrderPlaced};
 use shared::money::Money;
-use shared::{db, inbox, outbox};
+use shared::{inbox, outbox};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -95,13 +96,13 @@ pub trait OrderRepository: Send + Sync + 'static {
 /// [`OrderRepository`] on SQLite.
 #[derive(Debug, Clone)]
 pub struct SqliteOrderRepository {
-    pool: SqlitePool,
+    db: Database,
 }
 
 impl SqliteOrderRepository {
     /// A repository over `pool` (already migrated with [`MIGRATIONS`]).
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    pub fn new(db: Database) -> Self {
+        Self { db }
     }
 
     async fn claim_key_tx(
@@ -111,7 +112,7 @@ impl SqliteOrderRepository {
         order_id: Uuid,
         stale_before_ms: i64,
     ) -> Result<KeyClaim, StoreError> {
-        let mut tx = db::begin_write(&self.pool).await?;
+        let mut tx = self.db.begin_write().await?;
         // The INSERT decides ownership atomically: a fresh key is inserted; an existing one is
         // only overwritten when its claim is stale AND its order was never stored (the owner
         // died mid-flight). No check-then-insert window exists for two requests to both win.
@@ -153,7 +154,7 @@ impl SqliteOrderRepository {
     }
 
     async fn insert_placed_tx(&self, order: &Order) -> Result<(), StoreError> {
-        let mut tx = db::begin_write(&self.pool).await?;
+        let mut tx = self.db.begin_write().await?;
         sqlx::query(
             "INSERT INTO orders (id, status, total_cents, currency, priced_from_cache, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -197,7 +198,7 @@ impl SqliteOrderRepository {
     }
 
     async fn cancel_tx(&self, id: Uuid) -> Result<Option<Cancellation>, StoreError> {
-        let mut tx = db::begin_write(&self.pool).await?;
+        let mut tx = self.db.begin_write().await?;
         // The status check in the WHERE makes the transition happen once, however many
         // cancellations race: only the one that changes the row enqueues the event.
         let newly_cancelled = sqlx::query(
@@ -251,7 +252,7 @@ impl OrderRepository for SqliteOrderRepository {
             sqlx::query("DELETE FROM idempotency_keys WHERE key = ?1 AND order_id = ?2")
                 .bind(key)
                 .bind(order_id.to_string())
-                .execute(&self.pool)
+                .execute(&mut *self.db.writer().await?)
                 .await?;
             Ok(())
         })
@@ -263,7 +264,7 @@ impl OrderRepository for SqliteOrderRepository {
 
     fn get(&self, id: Uuid) -> BoxFuture<'_, Result<Option<Order>, StoreError>> {
         Box::pin(async move {
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.db.pool().acquire().await?;
             load_order(&mut conn, id).await
         })
     }
@@ -274,7 +275,7 @@ impl OrderRepository for SqliteOrderRepository {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            sqlx::query("SELECT 1").execute(self.db.pool()).await?;
             Ok(())
         })
     }
@@ -359,10 +360,10 @@ mod tests {
     use super::*;
 
     async fn repository() -> SqliteOrderRepository {
-        let pool = db::connect("sqlite::memory:", MIGRATIONS)
+        let database = shared::db::connect("sqlite::memory:", MIGRATIONS)
             .await
             .expect("the database opens");
-        SqliteOrderRepository::new(pool)
+        SqliteOrderRepository::new(database)
     }
 
     fn order(id: Uuid) -> Order {
@@ -379,7 +380,7 @@ mod tests {
     async fn outbox_rows(repo: &SqliteOrderRepository, event_type: &str) -> i64 {
         sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE event_type = ?1")
             .bind(event_type)
-            .fetch_one(&repo.pool)
+            .fetch_one(repo.db.pool())
             .await
             .expect("counts")
             .try_get("n")

@@ -38,10 +38,10 @@ impl Application {
     /// # Errors
     /// The database cannot be opened or migrated, or the port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = shared::db::connect_with(&settings.database, MIGRATIONS)
+        let database = shared::db::connect_with(&settings.database, MIGRATIONS)
             .await
             .with_context(|| format!("opening the database {}", settings.database.url))?;
-        let store: Arc<dyn PriceStore> = Arc::new(SqlitePriceStore::new(pool.clone()));
+        let store: Arc<dyn PriceStore> = Arc::new(SqlitePriceStore::new(database.clone()));
         let listener = shared::server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
@@ -54,7 +54,7 @@ impl Application {
             vec![OrderEventsHandler::consumer(store.clone())],
             background.clone(),
         );
-        let relay = OutboxRelay::new(pool, broker.publisher());
+        let relay = OutboxRelay::new(database, broker.publisher());
 
         let metrics = Metrics::new(SERVICE);
         let health = readiness_checks(store.clone(), broker.clone());

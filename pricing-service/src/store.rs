@@ -2,16 +2,16 @@
 //!
 //! A price change and its `price.changed` outbox row are written in one transaction, so an event
 //! is published exactly for the changes that were stored. Read-then-write operations use
-//! `BEGIN IMMEDIATE` ([`shared::db::begin_write`]), taking SQLite's write lock up front instead
-//! of upgrading a read lock mid-transaction (an upgrade that loses a race fails with
-//! `SQLITE_BUSY` at once).
+//! `BEGIN IMMEDIATE` ([`shared::db::Database::begin_write`]), taking SQLite's write lock up
+//! front instead of upgrading a read lock mid-transaction (an upgrade that loses a race fails
+//! with `SQLITE_BUSY` at once).
 
 use futures::future::BoxFuture;
-use shared::db::begin_write;
+use shared::db::Database;
 use shared::events::{EventLine, PriceChanged};
 use shared::money::Money;
+use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
 use crate::domain::Price;
@@ -91,13 +91,13 @@ pub trait PriceStore: Send + Sync + 'static {
 /// [`PriceStore`] on SQLite.
 #[derive(Debug, Clone)]
 pub struct SqlitePriceStore {
-    pool: SqlitePool,
+    db: Database,
 }
 
 impl SqlitePriceStore {
-    /// A store over an opened, migrated pool.
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+    /// A store over an opened, migrated database.
+    pub fn new(db: Database) -> Self {
+        Self { db }
     }
 }
 
@@ -116,7 +116,7 @@ fn price_from_row(row: &SqliteRow) -> Result<Price, sqlx::Error> {
 impl PriceStore for SqlitePriceStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            sqlx::query("SELECT 1").execute(self.db.pool()).await?;
             Ok(())
         })
     }
@@ -124,7 +124,7 @@ impl PriceStore for SqlitePriceStore {
     fn list_prices(&self) -> BoxFuture<'_, Result<Vec<Price>, StoreError>> {
         Box::pin(async move {
             let rows = sqlx::query(&format!("SELECT {PRICE_COLUMNS} ORDER BY sku"))
-                .fetch_all(&self.pool)
+                .fetch_all(self.db.pool())
                 .await?;
             Ok(rows.iter().map(price_from_row).collect::<Result<_, _>>()?)
         })
@@ -134,7 +134,7 @@ impl PriceStore for SqlitePriceStore {
         Box::pin(async move {
             let row = sqlx::query(&format!("SELECT {PRICE_COLUMNS} WHERE sku = ?"))
                 .bind(sku)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db.pool())
                 .await?;
             Ok(row.as_ref().map(price_from_row).transpose()?)
         })
@@ -142,7 +142,7 @@ impl PriceStore for SqlitePriceStore {
 
     fn set_price(&self, change: SetPrice) -> BoxFuture<'_, Result<PriceSet, StoreError>> {
         Box::pin(async move {
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             let current = sqlx::query(&format!("SELECT {PRICE_COLUMNS} WHERE sku = ?"))
                 .bind(&change.sku)
                 .fetch_optional(&mut *tx)
@@ -195,7 +195,7 @@ impl PriceStore for SqlitePriceStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<SalesRecorded, StoreError>> {
         Box::pin(async move {
-            let mut tx = begin_write(&self.pool).await?;
+            let mut tx = self.db.begin_write().await?;
             if !shared::inbox::record(&mut tx, message_id).await? {
                 return Ok(SalesRecorded {
                     duplicate: true,
@@ -227,11 +227,13 @@ impl PriceStore for SqlitePriceStore {
 mod tests {
     use super::*;
 
-    async fn store() -> (SqlitePriceStore, SqlitePool) {
-        let pool = shared::db::connect("sqlite::memory:", MIGRATIONS)
+    /// The store and its read pool.
+    async fn store() -> (SqlitePriceStore, sqlx::SqlitePool) {
+        let database = shared::db::connect("sqlite::memory:", MIGRATIONS)
             .await
             .expect("the database opens");
-        (SqlitePriceStore::new(pool.clone()), pool)
+        let pool = database.pool().clone();
+        (SqlitePriceStore::new(database), pool)
     }
 
     fn change(sku: &str, cents: i64, currency: Option<&str>) -> SetPrice {

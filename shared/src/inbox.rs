@@ -38,15 +38,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_id_is_recorded_once() {
-        let pool = db::connect("sqlite::memory:", &[(1, "inbox", MIGRATION)])
+        let database = db::connect("sqlite::memory:", &[(1, "inbox", MIGRATION)])
             .await
             .expect("opens");
         let id = Uuid::new_v4();
-        let mut tx = db::begin_write(&pool).await.expect("begins");
+        let mut tx = database.begin_write().await.expect("begins");
         assert!(record(&mut tx, id).await.expect("records"));
         assert!(!record(&mut tx, id).await.expect("records"));
         tx.commit().await.expect("commits");
-        let mut tx = db::begin_write(&pool).await.expect("begins");
+        let mut tx = database.begin_write().await.expect("begins");
         assert!(!record(&mut tx, id).await.expect("records"));
         assert!(record(&mut tx, Uuid::new_v4()).await.expect("records"));
     }

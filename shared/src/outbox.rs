@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::correlation::{self, CorrelationId};
+use crate::db::Database;
 use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
 
@@ -107,7 +108,7 @@ pub async fn pending(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
 /// Publishes pending outbox rows in order, marking them sent after the confirm.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
-    pool: SqlitePool,
+    db: Database,
     publisher: Publisher,
     wake: Arc<Notify>,
 }
@@ -123,10 +124,10 @@ enum Round {
 }
 
 impl OutboxRelay {
-    /// A relay over `pool` publishing through `publisher`.
-    pub fn new(pool: SqlitePool, publisher: Publisher) -> Self {
+    /// A relay over `db`'s outbox publishing through `publisher`.
+    pub fn new(db: Database, publisher: Publisher) -> Self {
         Self {
-            pool,
+            db,
             publisher,
             wake: Arc::new(Notify::new()),
         }
@@ -200,7 +201,7 @@ impl OutboxRelay {
              WHERE sent_at IS NULL ORDER BY id LIMIT ?",
         )
         .bind(BATCH_SIZE)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db.pool())
         .await?;
         if rows.is_empty() {
             return Ok(Round::Idle);
@@ -240,7 +241,7 @@ impl OutboxRelay {
                  WHERE id IN (SELECT value FROM json_each(?))",
             )
             .bind(sent)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await?)
             .await?;
         }
         match results.into_iter().find_map(Result::err) {
@@ -255,7 +256,7 @@ impl OutboxRelay {
              AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
         )
         .bind(KEEP_SENT)
-        .execute(&self.pool)
+        .execute(&mut *self.db.writer().await?)
         .await?;
         Ok(())
     }
@@ -279,10 +280,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_enqueued_event_waits_unsent_in_the_outbox() {
-        let pool = db::connect("sqlite::memory:", &[(1, "outbox", MIGRATION)])
+        let database = db::connect("sqlite::memory:", &[(1, "outbox", MIGRATION)])
             .await
             .expect("opens");
-        let mut tx = db::begin_write(&pool).await.expect("begins");
+        let mut tx = database.begin_write().await.expect("begins");
         let event = PriceChanged {
             sku: "MG-07".to_owned(),
             price: Money(1250),
@@ -290,9 +291,9 @@ mod tests {
         };
         enqueue(&mut tx, &event).await.expect("enqueues");
         tx.commit().await.expect("commits");
-        assert_eq!(pending(&pool).await.expect("counts"), 1);
+        assert_eq!(pending(database.pool()).await.expect("counts"), 1);
         let row = sqlx::query("SELECT event_type, data FROM outbox")
-            .fetch_one(&pool)
+            .fetch_one(database.pool())
             .await
             .expect("reads");
         assert_eq!(row.get::<String, _>("event_type"), "price.changed");

@@ -6,9 +6,9 @@ pub use price_events::PriceChangedHandler;
 
 use std::sync::Arc;
 
+use shared::db::Database;
 use shared::events::{Event, PriceChanged};
 use shared::messaging::ConsumerSpec;
-use sqlx::SqlitePool;
 
 use crate::domain::PriceCache;
 
@@ -16,10 +16,10 @@ use crate::domain::PriceCache;
 pub const PRICE_EVENTS_QUEUE: &str = "order.price-events";
 
 /// Every consumer this service runs.
-pub fn consumers(pool: SqlitePool, prices: PriceCache) -> Vec<ConsumerSpec> {
+pub fn consumers(db: Database, prices: PriceCache) -> Vec<ConsumerSpec> {
     vec![ConsumerSpec {
         queue: PRICE_EVENTS_QUEUE.to_owned(),
         event_types: vec![PriceChanged::TYPE],
-        handler: Arc::new(PriceChangedHandler::new(pool, prices)),
+        handler: Arc::new(PriceChangedHandler::new(db, prices)),
     }]
 }

@@ -1,29 +1,29 @@
 //! `price.changed` → the price cache.
 
 use futures::future::BoxFuture;
+use shared::db::Database;
 use shared::events::PriceChanged;
+use shared::inbox;
 use shared::messaging::{Handler, HandlerError, IncomingMessage};
-use shared::{db, inbox};
-use sqlx::SqlitePool;
 
 use crate::domain::PriceCache;
 
 /// Refreshes the price cache from `price.changed`, deduplicating by message ID in the inbox.
 #[derive(Debug, Clone)]
 pub struct PriceChangedHandler {
-    pool: SqlitePool,
+    db: Database,
     prices: PriceCache,
 }
 
 impl PriceChangedHandler {
-    /// A handler writing into `prices`, recording handled messages in `pool`'s inbox.
-    pub fn new(pool: SqlitePool, prices: PriceCache) -> Self {
-        Self { pool, prices }
+    /// A handler writing into `prices`, recording handled messages in `db`'s inbox.
+    pub fn new(db: Database, prices: PriceCache) -> Self {
+        Self { db, prices }
     }
 
     async fn apply(&self, message: IncomingMessage) -> Result<(), HandlerError> {
         let event: PriceChanged = message.decode()?;
-        let mut tx = db::begin_write(&self.pool).await.map_err(transient)?;
+        let mut tx = self.db.begin_write().await.map_err(transient)?;
         if !inbox::record(&mut tx, message.message_id)
             .await
             .map_err(transient)?

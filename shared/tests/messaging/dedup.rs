@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::future::BoxFuture;
+use shared::db::{self, Database};
+use shared::inbox;
 use shared::messaging::{Handler, HandlerError, IncomingMessage, OutgoingMessage};
-use shared::{db, inbox};
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 
 use crate::assert_eventually;
 use crate::helpers::{TestBroker, consumer, price_changed, settings};
@@ -23,7 +24,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 
 /// Applies each message's effect once, however often it is delivered.
 struct Idempotent {
-    pool: SqlitePool,
+    db: Database,
     deliveries: AtomicUsize,
 }
 
@@ -31,7 +32,7 @@ impl Handler for Idempotent {
     fn handle(&self, message: IncomingMessage) -> BoxFuture<'_, Result<(), HandlerError>> {
         Box::pin(async move {
             let transient = |e: sqlx::Error| HandlerError::Transient(e.to_string());
-            let mut tx = db::begin_write(&self.pool).await.map_err(transient)?;
+            let mut tx = self.db.begin_write().await.map_err(transient)?;
             if inbox::record(&mut tx, message.message_id)
                 .await
                 .map_err(transient)?
@@ -51,11 +52,11 @@ impl Handler for Idempotent {
 
 #[tokio::test]
 async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
-    let pool = db::connect("sqlite::memory:", MIGRATIONS)
+    let database = db::connect("sqlite::memory:", MIGRATIONS)
         .await
         .expect("opens");
     let handler = Arc::new(Idempotent {
-        pool: pool.clone(),
+        db: database.clone(),
         deliveries: AtomicUsize::new(0),
     });
     let test = TestBroker::connected(settings(), vec![consumer(handler.clone())]).await;
@@ -70,7 +71,7 @@ async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
         "both deliveries should be handled"
     );
     let effects = sqlx::query("SELECT count(*) AS n FROM effects")
-        .fetch_one(&pool)
+        .fetch_one(database.pool())
         .await
         .expect("counts")
         .get::<i64, _>("n");

@@ -10,7 +10,7 @@ use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
 
 #[tokio::test]
 async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
-    let pool = db::connect("sqlite::memory:", &[(1, "outbox", outbox::MIGRATION)])
+    let database = db::connect("sqlite::memory:", &[(1, "outbox", outbox::MIGRATION)])
         .await
         .expect("opens");
     let recorder = Recorder::accepting();
@@ -18,12 +18,12 @@ async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
     // One message at a time, so handling order shows publishing order.
     settings.prefetch = 1;
     let test = TestBroker::connected(settings, vec![consumer(recorder.clone())]).await;
-    let relay = OutboxRelay::new(pool.clone(), test.broker.publisher());
+    let relay = OutboxRelay::new(database.clone(), test.broker.publisher());
     let stop = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(stop.clone()));
 
     let skus: Vec<String> = (0..300).map(|i| format!("SKU-{i:03}")).collect();
-    let mut tx = db::begin_write(&pool).await.expect("begins");
+    let mut tx = database.begin_write().await.expect("begins");
     for sku in &skus {
         outbox::enqueue(&mut tx, &price_changed(sku))
             .await
@@ -45,7 +45,7 @@ async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
         .collect();
     assert_eq!(consumed, skus);
     assert_eventually!(
-        outbox::pending(&pool).await.expect("counts") == 0,
+        outbox::pending(database.pool()).await.expect("counts") == 0,
         "rows are still unsent"
     );
 
