@@ -456,14 +456,20 @@ impl<'a> MakeWriter<'a> for CapturedLogs {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_line_is_flat_json_with_service_correlation_id_and_msg() {
+    /// A JSON-lines subscriber for `service` at `info`, and the lines it writes.
+    fn json_lines(service: &'static str) -> (CapturedLogs, Box<dyn Subscriber + Send + Sync>) {
         let logs = CapturedLogs::default();
         let settings = TelemetrySettings {
             format: LogFormat::Json,
             filter: "info".to_owned(),
         };
-        let subscriber = get_subscriber("order", &settings, logs.clone());
+        let subscriber = get_subscriber(service, &settings, logs.clone());
+        (logs, subscriber)
+    }
+
+    #[test]
+    fn a_line_is_flat_json_with_service_correlation_id_and_msg() {
+        let (logs, subscriber) = json_lines("order");
         let id = correlation::CorrelationId::parse("abc-123").expect("valid");
         tracing::subscriber::with_default(subscriber, || {
             correlation::sync_scope(id, || {
@@ -486,12 +492,7 @@ mod tests {
 
     #[test]
     fn strings_numbers_and_debug_values_are_escaped_into_valid_json() {
-        let logs = CapturedLogs::default();
-        let settings = TelemetrySettings {
-            format: LogFormat::Json,
-            filter: "info".to_owned(),
-        };
-        let subscriber = get_subscriber("order", &settings, logs.clone());
+        let (logs, subscriber) = json_lines("order");
         let awkward = "quote \" backslash \\ newline \n tab \t bell \u{7} ünï";
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("http", path = awkward);
@@ -522,12 +523,7 @@ mod tests {
 
     #[test]
     fn a_field_repeated_by_the_event_and_nested_spans_is_written_once_innermost_first() {
-        let logs = CapturedLogs::default();
-        let settings = TelemetrySettings {
-            format: LogFormat::Json,
-            filter: "info".to_owned(),
-        };
-        let subscriber = get_subscriber("test", &settings, logs.clone());
+        let (logs, subscriber) = json_lines("test");
         tracing::subscriber::with_default(subscriber, || {
             let outer = tracing::info_span!("consumer", service = "pricing", queue = "outer");
             let _outer = outer.enter();
@@ -561,12 +557,7 @@ mod tests {
 
     #[test]
     fn a_service_span_field_overrides_the_process_service_name() {
-        let logs = CapturedLogs::default();
-        let settings = TelemetrySettings {
-            format: LogFormat::Json,
-            filter: "info".to_owned(),
-        };
-        let subscriber = get_subscriber("test", &settings, logs.clone());
+        let (logs, subscriber) = json_lines("test");
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("worker", service = "inventory");
             let _entered = span.enter();
