@@ -1,14 +1,22 @@
 //! `/api/products/{sku}`: price and availability fetched in parallel and merged.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use shared::client::{ClientError, ClientRequest};
+use shared::deadline::{self, Deadline};
 use shared::money::Money;
 
 use crate::error::{ApiError, is_refusal};
 use crate::forward::segment;
 use crate::state::AppState;
+
+/// The most either lookup may take, retries included, before the product is answered without
+/// it: two of the 500 ms read attempts (`config.rs`) and a backoff. A shop page shows "price
+/// unknown" after a second rather than everything after the whole 5 s edge budget.
+const LOOKUP_BUDGET: Duration = Duration::from_millis(1200);
 
 /// The part of pricing's answer a product shows.
 #[derive(Debug, Deserialize)]
@@ -38,32 +46,38 @@ pub struct Product {
 
 /// `GET /api/products/{sku}` → pricing `GET /prices/{sku}` and inventory `GET /stock/{sku}` at once.
 ///
-/// Both calls run concurrently, so the answer takes as long as the slower one, not the sum. When
-/// one side fails (down, timed out, breaker open, or it does not know the sku) the product is
-/// still answered with what the other side knows and `missing` names the gap: a shop page can
-/// show a price with "availability unknown" rather than an error. Only when both fail is the
-/// answer an error: `404` if neither knows the sku, otherwise the worse upstream failure.
+/// Both calls run concurrently, so the answer takes as long as the slower one, not the sum, and
+/// at most [`LOOKUP_BUDGET`]. When one side fails (down, timed out, breaker open, or it does not
+/// know the sku) the product is still answered with what the other side knows and `missing`
+/// names the gap: a shop page can show a price with "availability unknown" rather than an error.
+/// Only when both fail is the answer an error: `404` if neither knows the sku, otherwise the
+/// worse upstream failure.
 pub async fn get_product(
     State(state): State<AppState>,
     Path(sku): Path<String>,
 ) -> Result<Json<Product>, ApiError> {
     let encoded = segment(&sku)?;
-    let (price, stock) = tokio::join!(
-        async {
-            let response = state
-                .pricing
-                .send(ClientRequest::get(format!("/prices/{encoded}")))
-                .await?;
-            response.json::<Price>()
-        },
-        async {
-            let response = state
-                .inventory
-                .send(ClientRequest::get(format!("/stock/{encoded}")))
-                .await?;
-            response.json::<Stock>()
-        },
-    );
+    let lookup = Deadline::after(LOOKUP_BUDGET);
+    let lookup = deadline::current().map_or(lookup, |request| request.min(lookup));
+    let (price, stock) = deadline::scope(lookup, async {
+        tokio::join!(
+            async {
+                let response = state
+                    .pricing
+                    .send(ClientRequest::get(format!("/prices/{encoded}")))
+                    .await?;
+                response.json::<Price>()
+            },
+            async {
+                let response = state
+                    .inventory
+                    .send(ClientRequest::get(format!("/stock/{encoded}")))
+                    .await?;
+                response.json::<Stock>()
+            },
+        )
+    })
+    .await;
     let mut product = Product {
         sku,
         name: None,

@@ -58,8 +58,9 @@ async fn a_product_merges_price_and_availability() {
 #[tokio::test]
 async fn price_and_availability_are_fetched_in_parallel() {
     let app = spawn_app().await;
-    // Each side takes 600 ms; asked one after the other they would take at least 1.2 s.
-    let slow = Duration::from_millis(600);
+    // Each side takes 300 ms (inside the 500 ms read attempt); asked one after the other they
+    // would take at least 600 ms.
+    let slow = Duration::from_millis(300);
     Mock::given(method("GET"))
         .and(path("/prices/BK-12"))
         .respond_with(ResponseTemplate::new(200).set_delay(slow).set_body_json(
@@ -157,6 +158,39 @@ async fn with_inventory_hanging_the_product_is_answered_without_availability() {
     let body = json(response).await;
     assert_eq!(body["missing"], json!(["availability"]));
     assert_eq!(body["price"], 2.5);
+}
+
+#[tokio::test]
+async fn with_inventory_hanging_the_product_is_answered_within_its_lookup_budget_and_then_fast() {
+    // The default clients: 500 ms read attempts, retries, the breaker after 5 failures.
+    let app = spawn_app().await;
+    price_is(&app.pricing, "ST-01", 2.5).await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .mount(&app.inventory)
+        .await;
+
+    let mut elapsed = Vec::new();
+    for _ in 0..4 {
+        let started = Instant::now();
+        let response = app
+            .get("/api/products/ST-01")
+            .send()
+            .await
+            .expect("request");
+        elapsed.push(started.elapsed());
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(json(response).await["missing"], json!(["availability"]));
+    }
+
+    // Each slow answer is bounded by the 1.2 s lookup budget, not the 5 s edge budget; two full
+    // attempts per request open the breaker within three requests, and then the gap is known
+    // at once.
+    assert!(
+        elapsed.iter().all(|e| *e < Duration::from_millis(1500)),
+        "{elapsed:?}"
+    );
+    assert!(elapsed[3] < Duration::from_millis(200), "{elapsed:?}");
 }
 
 #[tokio::test]
