@@ -20,6 +20,9 @@
 #     waits for their graceful drain and kills whatever is left. Each service runs in its own
 #     process group (job control, `set -m`), so Ctrl-C reaches only this script, which then stops
 #     the services in order, and nothing it started can be orphaned.
+#     Started in the background (`scripts/run-local.sh &`, nohup), stop it with SIGTERM
+#     (`kill <pid>`): bash may discard a SIGINT sent to a non-interactive script that is waiting
+#     for its jobs, or exit without running the trap, which would leave the services running.
 #
 # Any variable the services read (LOG_FORMAT, RUST_LOG, EVENTS_NAMESPACE, HTTP_*, ...) can be set
 # when calling the script; LOG_FORMAT defaults to json, the format the logs are grepped in.
