@@ -6,8 +6,14 @@
 //! an async mutex: writers queue for it in tokio, first come first served, instead of several
 //! pooled connections racing for the file's write lock and sleeping in SQLite's busy handler
 //! (1, 2, 5, 10 … 100 ms) when they lose, which under load made most of a write's latency. The
-//! write connection also skips the pool's check-in ping, a round trip to sqlx's worker thread
-//! per use. Reads use the pool; in WAL mode they never wait for the writer.
+//! write connection also skips the pool's pings (at check-out and check-in), each a round trip to
+//! sqlx's worker thread. Reads use the pool; in WAL mode they never wait for the writer.
+//!
+//! A request whose deadline passes is dropped mid-await, and sqlx's worker still runs a statement
+//! once it was sent: a `BEGIN` or `COMMIT` may land after its caller is gone. So the write
+//! connection is marked "in a transaction" *before* either is sent and until `COMMIT` returns,
+//! and the next writer first makes a marked connection clean (`ROLLBACK`, or a new connection
+//! when there is nothing to roll back or the old one is broken).
 //!
 //! A transaction that reads and then writes starts as a reader and must upgrade its lock; SQLite
 //! may refuse that upgrade with `SQLITE_BUSY` at once, bypassing the busy timeout, when another
@@ -153,6 +159,7 @@ pub async fn connect_with(
     } else {
         Writer::Dedicated(Arc::new(Mutex::new(WriteSlot {
             connection: SqliteConnection::connect_with(&options).await?,
+            options,
             in_transaction: false,
         })))
     };
@@ -178,9 +185,29 @@ enum Writer {
 #[derive(Debug)]
 pub struct WriteSlot {
     connection: SqliteConnection,
-    /// A transaction was begun and neither committed nor rolled back (its owner was dropped
-    /// where no runtime could run the rollback): the next writer rolls it back first.
+    /// How to open a replacement.
+    options: SqliteConnectOptions,
+    /// A `BEGIN` was sent and no `COMMIT` or `ROLLBACK` is known to have finished: the
+    /// connection may be inside a transaction, and the next writer makes it clean first.
     in_transaction: bool,
+}
+
+impl WriteSlot {
+    /// Ends whatever transaction a cancelled or failed writer left open.
+    async fn make_clean(&mut self) -> Result<(), sqlx::Error> {
+        if sqlx::query("ROLLBACK")
+            .execute(&mut self.connection)
+            .await
+            .is_err()
+        {
+            // Nothing to roll back (a cancelled COMMIT went through) or the connection is
+            // broken: a new connection is clean either way, and closing the old one ends any
+            // transaction it still has.
+            self.connection = SqliteConnection::connect_with(&self.options).await?;
+        }
+        self.in_transaction = false;
+        Ok(())
+    }
 }
 
 impl Database {
@@ -191,24 +218,19 @@ impl Database {
     }
 
     /// The write connection, for one statement in its own (autocommit) transaction. Waits, in
-    /// turn, for the writers before it.
+    /// turn, for the writers before it; no timeout of its own, since every writer holds it for
+    /// one short transaction and a request's deadline bounds the wait of a request.
     ///
     /// # Errors
-    /// When a pending rollback fails or, in memory, no connection is available.
+    /// When a connection left unclean by a cancelled writer cannot be replaced or, in memory, no
+    /// connection is available.
     pub async fn writer(&self) -> Result<WriteConnection, sqlx::Error> {
-        match &self.writer {
-            Writer::Dedicated(slot) => {
-                let mut slot = slot.clone().lock_owned().await;
-                if slot.in_transaction {
-                    sqlx::query("ROLLBACK")
-                        .execute(&mut slot.connection)
-                        .await?;
-                    slot.in_transaction = false;
-                }
-                Ok(WriteConnection::Dedicated(slot))
-            }
-            Writer::Pool => Ok(WriteConnection::Pooled(self.pool.acquire().await?)),
-        }
+        let mut connection = match &self.writer {
+            Writer::Dedicated(slot) => WriteConnection::Dedicated(slot.clone().lock_owned().await),
+            Writer::Pool => WriteConnection::Pooled(self.pool.acquire().await?),
+        };
+        connection.make_clean().await?;
+        Ok(connection)
     }
 
     /// Starts a write transaction with `BEGIN IMMEDIATE` on the write connection. Use it for
@@ -216,13 +238,19 @@ impl Database {
     /// [`WriteTransaction::commit`], the transaction is rolled back.
     ///
     /// # Errors
-    /// When the write lock is not granted within [`BUSY_TIMEOUT`] (another process holds it).
+    /// As [`Database::writer`], and when the write lock is not granted within [`BUSY_TIMEOUT`]
+    /// (another process holds it).
     pub async fn begin_write(&self) -> Result<WriteTransaction, sqlx::Error> {
         let mut connection = self.writer().await?;
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *connection)
-            .await?;
+        // Marked before it is sent: if this future is dropped mid-await, the BEGIN may still run.
         connection.set_in_transaction(true);
+        if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *connection)
+            .await
+        {
+            connection.set_in_transaction(false);
+            return Err(error);
+        }
         Ok(WriteTransaction {
             connection: Some(connection),
         })
@@ -248,6 +276,20 @@ impl WriteConnection {
     fn set_in_transaction(&mut self, open: bool) {
         if let Self::Dedicated(slot) = self {
             slot.in_transaction = open;
+        }
+    }
+
+    /// Ends a transaction a cancelled or failed writer may have left open. The pooled (in-memory)
+    /// connection keeps no mark, so it is always rolled back, its error ("no transaction is
+    /// active") ignored: one extra statement per write, in tests only.
+    async fn make_clean(&mut self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Dedicated(slot) if slot.in_transaction => slot.make_clean().await,
+            Self::Dedicated(_) => Ok(()),
+            Self::Pooled(connection) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut **connection).await;
+                Ok(())
+            }
         }
     }
 }
@@ -284,7 +326,8 @@ impl WriteTransaction {
     /// Commits and gives the write connection to the next writer.
     ///
     /// # Errors
-    /// When the commit fails; the transaction is then rolled back.
+    /// When the commit fails; the transaction is then rolled back. (If this future is dropped
+    /// instead, the COMMIT may still land: the connection stays marked until it is known clean.)
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         if let Some(connection) = self.connection.as_mut() {
             sqlx::query("COMMIT").execute(&mut **connection).await?;
@@ -318,32 +361,21 @@ impl DerefMut for WriteTransaction {
 }
 
 impl Drop for WriteTransaction {
-    /// Not committed (an error, an early return, a cancelled request): roll back in a task that
-    /// holds the write connection, so the next writer starts on a clean one.
+    /// Not committed (an error, an early return, a cancelled request): end the transaction in a
+    /// task that holds the write connection, so the write lock is given back at once and the
+    /// next writer starts on a clean connection. Without a runtime (the process is ending) the
+    /// connection stays marked and the next writer, if any, cleans it.
     fn drop(&mut self) {
         let Some(mut connection) = self.connection.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // The process is ending: the dedicated slot stays marked (a later writer would roll
-            // back first), and a pooled connection is closed rather than reused.
-            if let WriteConnection::Pooled(pooled) = &mut connection {
-                pooled.close_on_drop();
-            }
-            return;
-        };
-        runtime.spawn(async move {
-            if sqlx::query("ROLLBACK")
-                .execute(&mut *connection)
-                .await
-                .is_ok()
-            {
-                connection.set_in_transaction(false);
-            } else if let WriteConnection::Pooled(pooled) = &mut connection {
-                // Never hand a connection in an unknown state back to the pool.
-                pooled.close_on_drop();
-            }
-        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = connection.make_clean().await {
+                    tracing::warn!(%error, "cannot end an abandoned write transaction");
+                }
+            });
+        }
     }
 }
 
@@ -381,6 +413,7 @@ async fn migrate(
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
     use sqlx::Row;
 
     use super::*;
@@ -501,6 +534,88 @@ mod tests {
         assert_eq!(bodies, ["committed"]);
         database.close().await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn insert_note(database: &Database, body: &str) {
+        let mut tx = database.begin_write().await.expect("begins");
+        sqlx::query("INSERT INTO notes (body) VALUES (?)")
+            .bind(body)
+            .execute(&mut *tx)
+            .await
+            .expect("inserts");
+        tx.commit().await.expect("commits");
+    }
+
+    async fn has_note(database: &Database, body: &str) -> bool {
+        sqlx::query("SELECT 1 FROM notes WHERE body = ?")
+            .bind(body)
+            .fetch_optional(database.pool())
+            .await
+            .expect("reads")
+            .is_some()
+    }
+
+    #[tokio::test]
+    async fn a_begin_cancelled_mid_flight_leaves_the_write_connection_usable() {
+        let (dir, url) = temp_url();
+        let database = connect(&url, MIGRATIONS).await.expect("opens");
+        // Polled once and dropped, as a request whose deadline passes is: the BEGIN was sent to
+        // sqlx's worker and still runs, after its caller is gone.
+        drop(database.begin_write().now_or_never());
+
+        insert_note(&database, "after a cancelled begin").await;
+        sqlx::query("INSERT INTO notes (body) VALUES ('autocommit')")
+            .execute(&mut *database.writer().await.expect("writer"))
+            .await
+            .expect("inserts");
+
+        assert!(has_note(&database, "after a cancelled begin").await);
+        assert!(has_note(&database, "autocommit").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_commit_cancelled_mid_flight_leaves_the_write_connection_usable() {
+        let (dir, url) = temp_url();
+        let database = connect(&url, MIGRATIONS).await.expect("opens");
+        let mut tx = database.begin_write().await.expect("begins");
+        sqlx::query("INSERT INTO notes (body) VALUES ('maybe committed')")
+            .execute(&mut *tx)
+            .await
+            .expect("inserts");
+        // The COMMIT may land after its caller is gone (then the clean-up finds nothing to roll
+        // back); either way, the writers after it must work.
+        drop(tx.commit().now_or_never());
+
+        for i in 0..3 {
+            insert_note(&database, &format!("later {i}")).await;
+        }
+
+        for i in 0..3 {
+            assert!(has_note(&database, &format!("later {i}")).await);
+        }
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_write_transaction_dropped_without_commit_keeps_the_database() {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        insert_note(&database, "kept").await;
+        let mut abandoned = database.begin_write().await.expect("begins");
+        sqlx::query("INSERT INTO notes (body) VALUES ('never committed')")
+            .execute(&mut *abandoned)
+            .await
+            .expect("inserts");
+        drop(abandoned);
+        drop(database.begin_write().now_or_never());
+
+        insert_note(&database, "after").await;
+
+        assert!(has_note(&database, "kept").await);
+        assert!(has_note(&database, "after").await);
+        assert!(!has_note(&database, "never committed").await);
     }
 
     #[tokio::test]
