@@ -10,14 +10,6 @@ use subtle::ConstantTimeEq;
 /// and therefore logged as a warning at startup, because anyone who has read the README knows it.
 pub const DEFAULT_ADMIN_API_KEY: &str = "dev-admin-key";
 
-/// The gateway reads pricing and inventory only for one-row lookups (`/prices/{sku}`,
-/// `/stock/{sku}`) and a price change, which answer in milliseconds, and a product page would
-/// rather show a partial answer soon than a full one late. So an attempt at either gets 500 ms
-/// instead of the general 2 s: two full attempts fit in a product's lookup budget
-/// (`routes/products.rs`), which lets a hanging side trip its breaker (only full attempts count)
-/// and be answered as missing within about a second.
-const READ_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
-
 /// Everything the gateway reads from the environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -64,12 +56,9 @@ impl Settings {
         // gives each attempt at order-service the whole edge budget: the hop's timeout sits
         // inside its caller's, never equal to it.
         order.attempt_timeout = order.attempt_timeout.max(request_budget);
-        let mut inventory =
+        let inventory =
             ClientConfig::from_env("inventory", env, "INVENTORY_URL", "http://inventory:4002")?;
-        inventory.attempt_timeout = inventory.attempt_timeout.min(READ_ATTEMPT_TIMEOUT);
-        let mut pricing =
-            ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?;
-        pricing.attempt_timeout = pricing.attempt_timeout.min(READ_ATTEMPT_TIMEOUT);
+        let pricing = ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?;
         Ok(Self {
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 8080)?,

@@ -381,7 +381,8 @@ impl InventoryStore for SqliteInventoryStore {
                     expires_at: from_millis(millis(request.expires_at)),
                 };
                 // The UNIQUE key turns a replay into "nothing inserted" instead of a second
-                // reservation; it is then answered below, after the units are given back.
+                // reservation; it is answered below, and the units taken above are given back when
+                // the transaction is rolled back.
                 let inserted = sqlx::query(
                     "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
                      remaining_after, created_at_ms, expires_at_ms) \

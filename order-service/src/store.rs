@@ -100,7 +100,7 @@ pub struct SqliteOrderRepository {
 }
 
 impl SqliteOrderRepository {
-    /// A repository over `pool` (already migrated with [`MIGRATIONS`]).
+    /// A repository over `db` (already migrated with [`MIGRATIONS`]).
     pub fn new(db: Database) -> Self {
         Self { db }
     }

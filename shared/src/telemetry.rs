@@ -220,6 +220,7 @@ where
         let sources: Vec<&Members> = std::iter::once(&visitor.members)
             .chain(span_members)
             .collect();
+        // Keys this layer writes itself are reserved: a field of the same name is left out.
         let mut written: Vec<&str> = vec!["timestamp", "level", "correlationId", "msg", "target"];
         match sources.iter().find_map(|members| members.get("service")) {
             Some(member) => line.extend_from_slice(member),
@@ -249,6 +250,10 @@ where
             }
         }
         line.extend_from_slice(b"}\n");
+        // Release the spans' extensions before the write, so a span recording a field on another
+        // thread never waits for the log writer.
+        drop(extensions);
+        drop(spans);
 
         let _ = self.writer.make_writer().write_all(&line);
     }

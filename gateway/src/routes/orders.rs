@@ -25,6 +25,7 @@ pub async fn create_order(
         headers: body.headers(),
         body: Some(body.bytes),
         idempotency_key,
+        attempt_timeout: None,
     };
     let upstream = state.order.send(request).await?;
     let location = upstream
@@ -63,6 +64,7 @@ pub async fn cancel_order(
         headers: http::HeaderMap::new(),
         body: None,
         idempotency_key: Some(format!("cancel-{id}")),
+        attempt_timeout: None,
     };
     Ok(relay(state.order.send(request).await?))
 }

@@ -37,6 +37,7 @@ pub async fn put_price(
         headers: body.headers(),
         body: Some(body.bytes),
         idempotency_key: None,
+        attempt_timeout: None,
     };
     Ok(relay(state.pricing.send(request).await?))
 }

@@ -210,6 +210,9 @@ pub struct ClientRequest {
     pub body: Option<Bytes>,
     /// Marks a non-idempotent request as safe to retry; sent as `Idempotency-Key`.
     pub idempotency_key: Option<String>,
+    /// A shorter per-attempt timeout than the client's, for a call that has a fallback and would
+    /// rather fail over soon (never longer than [`ClientConfig::attempt_timeout`]).
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl ClientRequest {
@@ -221,6 +224,7 @@ impl ClientRequest {
             headers: HeaderMap::new(),
             body: None,
             idempotency_key: None,
+            attempt_timeout: None,
         }
     }
 
@@ -250,6 +254,15 @@ impl ClientRequest {
     #[must_use]
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Caps each attempt of this request at `timeout` (the client's own timeout still applies
+    /// when it is shorter). An attempt that runs its full, capped time counts against the breaker
+    /// like any full attempt.
+    #[must_use]
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
         self
     }
 
@@ -386,7 +399,10 @@ impl ResilientClient {
             }
             // We wait up to `wait`, but tell the callee it has `margin` less: its deadline then
             // passes first, and its answer (even a 504 problem) arrives while we still listen.
-            let wait = deadline.remaining().min(config.attempt_timeout);
+            let attempt_timeout = request
+                .attempt_timeout
+                .map_or(config.attempt_timeout, |t| t.min(config.attempt_timeout));
+            let wait = deadline.remaining().min(attempt_timeout);
             let forwarded = wait
                 .saturating_sub(config.deadline_margin)
                 .max(Duration::from_millis(1));
@@ -400,7 +416,7 @@ impl ResilientClient {
                 }
                 Err(error) => error,
             };
-            match breaker_verdict(&error, wait >= config.attempt_timeout) {
+            match breaker_verdict(&error, wait >= attempt_timeout) {
                 Some(failed) => permit.record(failed),
                 // Dropping the permit releases a half-open probe slot and counts nothing.
                 None => drop(permit),

@@ -77,6 +77,29 @@ async fn without_a_request_deadline_each_attempt_gets_the_attempt_timeout() {
 }
 
 #[tokio::test]
+async fn a_request_may_ask_for_shorter_attempts_but_never_longer_ones() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&upstream)
+        .await;
+    let mut config = config(&[&upstream]);
+    config.attempt_timeout = Duration::from_millis(1500);
+    let client = client(config);
+
+    for timeout in [Duration::from_millis(500), Duration::from_secs(10)] {
+        client
+            .send(ClientRequest::get("/stock/BK-12").attempt_timeout(timeout))
+            .await
+            .expect("ok");
+    }
+
+    let budgets: Vec<u64> = received(&upstream).await.iter().map(budget_ms).collect();
+    // Each attempt's timeout minus the 25 ms margin: 500 ms asked for, 1.5 s at most.
+    assert_eq!(budgets, [475, 1475]);
+}
+
+#[tokio::test]
 async fn nothing_is_sent_when_the_deadline_leaves_less_than_the_margin() {
     let upstream = MockServer::start().await;
     Mock::given(method("GET"))
