@@ -514,24 +514,11 @@ mod tests {
             .expect("inserts");
         drop(abandoned);
 
-        let mut tx = database
-            .begin_write()
-            .await
-            .expect("the next writer begins");
-        sqlx::query("INSERT INTO notes (body) VALUES ('committed')")
-            .execute(&mut *tx)
-            .await
-            .expect("inserts");
-        tx.commit().await.expect("commits");
+        insert_note(&database, "committed").await;
 
-        let bodies: Vec<String> = sqlx::query("SELECT body FROM notes")
-            .fetch_all(database.pool())
-            .await
-            .expect("reads")
-            .iter()
-            .map(|row| row.get("body"))
-            .collect();
-        assert_eq!(bodies, ["committed"]);
+        assert!(!has_note(&database, "never committed").await);
+        assert!(has_note(&database, "committed").await);
+        assert_eq!(count(&database).await, 1);
         database.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }
