@@ -385,9 +385,7 @@ impl OrderPlacement {
     async fn price_line(&self, sku: &str) -> Result<LinePrice, PlacementError> {
         // A cached price is an acceptable answer, so a live lookup may not spend the budget that
         // the reservations and the store need: it gets at most PRICE_LOOKUP_BUDGET.
-        let lookup = Deadline::after(PRICE_LOOKUP_BUDGET);
-        let lookup = deadline::current().map_or(lookup, |request| request.min(lookup));
-        let error = match deadline::scope(lookup, self.pricing.price(sku)).await {
+        let error = match deadline::within(PRICE_LOOKUP_BUDGET, self.pricing.price(sku)).await {
             Ok(live) => {
                 self.prices.put(sku, live.price, &live.currency);
                 return Ok(LinePrice {

@@ -85,6 +85,14 @@ pub async fn scope<F: Future>(deadline: Deadline, future: F) -> F::Output {
     CURRENT.scope(deadline, future).await
 }
 
+/// Runs `future` with at most `budget` from now: the current deadline, tightened. For a part of a
+/// request that has a fallback (a cached price, a partial answer) and so must not spend the
+/// whole request's budget.
+pub async fn within<F: Future>(budget: Duration, future: F) -> F::Output {
+    let tightened = current().map_or_else(|| Deadline::after(budget), |d| d.min_with(budget));
+    scope(tightened, future).await
+}
+
 /// Sets, adopts and enforces request deadlines; see [`Deadline`].
 ///
 /// Every service uses the same rule: adopt the caller's remaining budget from [`HEADER`], capped at
@@ -178,6 +186,21 @@ fn deadline_exceeded() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_tightens_the_current_deadline_but_never_extends_it() {
+        let left = || current().map(Deadline::remaining);
+        assert_eq!(
+            within(Duration::from_secs(1), async { left() }).await,
+            Some(Duration::from_secs(1))
+        );
+        let request = Deadline::after(Duration::from_secs(5));
+        let tightened = scope(request, within(Duration::from_secs(1), async { left() })).await;
+        assert_eq!(tightened, Some(Duration::from_secs(1)));
+        let short = Deadline::after(Duration::from_millis(300));
+        let kept = scope(short, within(Duration::from_secs(1), async { left() })).await;
+        assert_eq!(kept, Some(Duration::from_millis(300)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_forwarded_budget_keeps_a_margin_for_the_way_back() {

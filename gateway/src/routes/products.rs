@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use shared::client::{ClientError, ClientRequest};
-use shared::deadline::{self, Deadline};
+use shared::client::{ClientError, ClientRequest, ResilientClient};
+use shared::deadline;
 use shared::money::Money;
 
 use crate::error::{ApiError, is_refusal};
@@ -62,30 +63,10 @@ pub async fn get_product(
     Path(sku): Path<String>,
 ) -> Result<Json<Product>, ApiError> {
     let encoded = segment(&sku)?;
-    let lookup = Deadline::after(LOOKUP_BUDGET);
-    let lookup = deadline::current().map_or(lookup, |request| request.min(lookup));
-    let (price, stock) = deadline::scope(lookup, async {
+    let (price, stock) = deadline::within(LOOKUP_BUDGET, async {
         tokio::join!(
-            async {
-                let response = state
-                    .pricing
-                    .send(
-                        ClientRequest::get(format!("/prices/{encoded}"))
-                            .attempt_timeout(LOOKUP_ATTEMPT_TIMEOUT),
-                    )
-                    .await?;
-                response.json::<Price>()
-            },
-            async {
-                let response = state
-                    .inventory
-                    .send(
-                        ClientRequest::get(format!("/stock/{encoded}"))
-                            .attempt_timeout(LOOKUP_ATTEMPT_TIMEOUT),
-                    )
-                    .await?;
-                response.json::<Stock>()
-            },
+            lookup::<Price>(&state.pricing, format!("/prices/{encoded}")),
+            lookup::<Stock>(&state.inventory, format!("/stock/{encoded}")),
         )
     })
     .await;
@@ -123,6 +104,17 @@ pub async fn get_product(
         }
     }
     Ok(Json(product))
+}
+
+/// One side's answer, with the short attempts of a lookup that has a fallback.
+async fn lookup<T: DeserializeOwned>(
+    client: &ResilientClient,
+    path: String,
+) -> Result<T, ClientError> {
+    client
+        .send(ClientRequest::get(path).attempt_timeout(LOOKUP_ATTEMPT_TIMEOUT))
+        .await?
+        .json()
 }
 
 /// The error to answer when neither side could say anything about `sku`.
