@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "orders", include_str!("../migrations/0001_orders.sql")),
     (2, "outbox", outbox::MIGRATION),
     (3, "inbox", inbox::MIGRATION),
+    (4, "outbox trace context", outbox::TRACE_CONTEXT_MIGRATION),
 ];
 
 /// Why storage failed.

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (3, "transactional outbox", shared::outbox::MIGRATION),
     (4, "consumer inbox", shared::inbox::MIGRATION),
+    (
+        5,
+        "outbox trace context",
+        shared::outbox::TRACE_CONTEXT_MIGRATION,
+    ),
 ];
 
 /// Why a store operation did not happen.

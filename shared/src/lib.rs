@@ -7,7 +7,8 @@
 //! | [`client`] | the resilient HTTP client: timeouts, retries, retry budget, circuit breaker |
 //! | [`correlation`] | correlation IDs: adopt or mint at the edge, task-local, echoed on responses |
 //! | [`deadline`] | request budgets forwarded hop to hop, enforced at every service |
-//! | [`telemetry`] | JSON-lines logging with `service`, `correlationId` and `msg` |
+//! | [`telemetry`] | JSON-lines logging with `service`, `correlationId`, `traceId` and `msg`; OTLP trace export when asked |
+//! | [`trace_context`] | W3C trace context: extracted by the chassis, injected per client attempt and per AMQP message |
 //! | [`problem`] | RFC 9457 problem+json errors and a JSON extractor that answers with them |
 //! | [`server`] | the middleware stack every service runs, serving with a bounded drain |
 //! | [`health`] / [`metrics`] | `/healthz`, `/readyz`, `/metrics` |
@@ -34,5 +35,6 @@ pub mod problem;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod trace_context;

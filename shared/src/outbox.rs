@@ -24,6 +24,7 @@ use crate::correlation::{self, CorrelationId};
 use crate::db::Database;
 use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
+use crate::trace_context;
 
 /// The SQL that creates the outbox table; include it in the service's migrations.
 pub const MIGRATION: &str = "\
@@ -38,6 +39,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent_at TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE sent_at IS NULL;
+";
+
+/// The SQL that adds the trace context columns to the outbox (after [`MIGRATION`]; a migration of
+/// its own so databases created before it are upgraded, not rebuilt): the `traceparent` and
+/// `tracestate` of the request that wrote the row, so the publish span joins that request's trace
+/// even when the event waited in the outbox while the broker was away.
+pub const TRACE_CONTEXT_MIGRATION: &str = "\
+ALTER TABLE outbox ADD COLUMN traceparent TEXT;
+ALTER TABLE outbox ADD COLUMN tracestate TEXT;
 ";
 
 /// Rows published per round: as many as the default publish window holds
@@ -80,15 +90,22 @@ pub async fn enqueue_message(
     message: &OutgoingMessage,
 ) -> Result<(), sqlx::Error> {
     let data = std::str::from_utf8(&message.data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let (traceparent, tracestate) = message
+        .trace
+        .as_ref()
+        .map_or((None, None), trace_context::to_text);
     sqlx::query(
-        "INSERT INTO outbox (message_id, event_type, version, correlation_id, data) \
-         VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO outbox \
+         (message_id, event_type, version, correlation_id, data, traceparent, tracestate) \
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(message.message_id.to_string())
     .bind(&message.event_type)
     .bind(i64::from(message.version))
     .bind(message.correlation_id.as_deref())
     .bind(data)
+    .bind(traceparent)
+    .bind(tracestate)
     .execute(tx)
     .await?;
     Ok(())
@@ -197,7 +214,8 @@ impl OutboxRelay {
     /// Publishes one batch and marks the confirmed prefix sent.
     async fn round(&self) -> Result<Round, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, message_id, event_type, version, correlation_id, data FROM outbox \
+            "SELECT id, message_id, event_type, version, correlation_id, data, traceparent, \
+             tracestate FROM outbox \
              WHERE sent_at IS NULL ORDER BY id LIMIT ?",
         )
         .bind(BATCH_SIZE)
@@ -221,6 +239,10 @@ impl OutboxRelay {
                     .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                 correlation_id: row.try_get("correlation_id")?,
                 data: Bytes::from(data),
+                trace: trace_context::from_text(
+                    row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
+                    row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
+                ),
             });
         }
         // The publish log lines carry the first row's correlation ID; each message carries its own.
@@ -280,9 +302,15 @@ mod tests {
 
     #[tokio::test]
     async fn an_enqueued_event_waits_unsent_in_the_outbox() {
-        let database = db::connect("sqlite::memory:", &[(1, "outbox", MIGRATION)])
-            .await
-            .expect("opens");
+        let database = db::connect(
+            "sqlite::memory:",
+            &[
+                (1, "outbox", MIGRATION),
+                (2, "outbox trace context", TRACE_CONTEXT_MIGRATION),
+            ],
+        )
+        .await
+        .expect("opens");
         let mut tx = database.begin_write().await.expect("begins");
         let event = PriceChanged {
             sku: "MG-07".to_owned(),

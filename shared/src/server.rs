@@ -70,10 +70,23 @@ async fn observe(service: &'static str, request: Request, next: Next) -> Respons
         |p| p.as_str().to_owned(),
     );
     let uri = request.uri().path().to_owned();
-    let span = tracing::info_span!("http", service, method = %method, route = %path);
+    let span = tracing::info_span!(
+        "http",
+        service,
+        method = %method,
+        route = %path,
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::trace_context::server_span(&span, &method, &path, request.headers());
     async move {
         let response = next.run(request).await;
         let status = response.status().as_u16();
+        crate::trace_context::record_response(&tracing::Span::current(), status);
         let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         if response.status().is_server_error() {
             tracing::warn!(status, elapsed_us, "{method} {uri}");

@@ -1,11 +1,23 @@
-//! Logs as JSON lines in the shape every service shares, or pretty text for local reading.
+//! Logs as JSON lines in the shape every service shares, or pretty text for local reading; and,
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, traces exported over OTLP/HTTP.
 //!
-//! Each line carries `timestamp`, `level`, `service`, `correlationId` (when there is one), `msg`,
-//! the event's own fields and the fields of the spans it happened in:
+//! Each line carries `timestamp`, `level`, `service`, `correlationId` (when there is one),
+//! `traceId` and `spanId` (when the line is written inside a trace), `msg`, the event's own fields
+//! and the fields of the spans it happened in:
 //!
 //! ```text
-//! {"timestamp":"2026-11-22T10:00:00.123Z","level":"info","service":"order","correlationId":"a1f3","msg":"POST /orders","status":201}
+//! {"timestamp":"2026-11-22T10:00:00.123Z","level":"info","service":"order","correlationId":"a1f3","traceId":"4bf9…","spanId":"00f0…","msg":"POST /orders","status":201}
 //! ```
+//!
+//! Span fields with a dot in their name (`otel.kind`, `http.route`, `messaging.message.id`) are
+//! OpenTelemetry attributes: they go to the trace, not into log lines, which keep the short names.
+//!
+//! Traces are exported only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set: the OpenTelemetry SDK then
+//! reads the standard variables itself (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//! `OTEL_TRACES_SAMPLER` and `_ARG`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_*`), spans go through a
+//! batch processor on its own thread, and [`TelemetryGuard`] flushes it when dropped at exit. With
+//! no endpoint, no OpenTelemetry layer is installed at all (see [`crate::trace_context`] for how
+//! incoming context is still forwarded).
 //!
 //! The correlation ID is read from the task-local set by [`crate::correlation`] at the moment the
 //! event is logged, so every line written while handling a request or a message carries it.
@@ -29,8 +41,12 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+
 use crate::config::{ConfigError, Env};
 use crate::correlation;
+use crate::trace_context::{self, ExportingMarker};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +64,9 @@ pub struct TelemetrySettings {
     pub format: LogFormat,
     /// An `EnvFilter` directive such as `info` or `info,order_service=debug`.
     pub filter: String,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`): traces are exported
+    /// only when one is set.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl TelemetrySettings {
@@ -68,14 +87,21 @@ impl TelemetrySettings {
                 });
             }
         };
+        let endpoint = |key| {
+            env.get(key)
+                .filter(|v| !v.trim().is_empty())
+                .map(str::to_owned)
+        };
         Ok(Self {
             format,
             filter: env.string_or("RUST_LOG", "info"),
+            otlp_endpoint: endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|| endpoint("OTEL_EXPORTER_OTLP_ENDPOINT")),
         })
     }
 }
 
-/// Builds a subscriber for `service` that writes to `writer`.
+/// Builds a subscriber for `service` that writes to `writer` (and exports no traces).
 pub fn get_subscriber<W>(
     service: &'static str,
     settings: &TelemetrySettings,
@@ -84,15 +110,40 @@ pub fn get_subscriber<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    get_tracing_subscriber(service, settings, writer, None)
+}
+
+/// Builds a subscriber for `service` that writes to `writer` and, given a `tracer`, records
+/// spans as OpenTelemetry spans through it.
+pub fn get_tracing_subscriber<W>(
+    service: &'static str,
+    settings: &TelemetrySettings,
+    writer: W,
+    tracer: Option<SdkTracer>,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let exporting = tracer.is_some().then_some(ExportingMarker);
+    // Source locations and thread names would double the attributes of every span; the span's
+    // name, kind and conventional attributes are what a trace view needs.
+    let traces = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_level(false)
+    });
+    let base = Registry::default()
+        .with(filter)
+        .with(traces)
+        .with(exporting);
     match settings.format {
-        LogFormat::Json => Box::new(
-            Registry::default()
-                .with(filter)
-                .with(JsonLayer::new(service, writer)),
-        ),
+        LogFormat::Json => Box::new(base.with(JsonLayer::new(service, writer))),
         LogFormat::Pretty => Box::new(
-            Registry::default().with(filter).with(
+            base.with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(writer)
                     .with_target(false)
@@ -100,6 +151,40 @@ where
             ),
         ),
     }
+}
+
+/// The OTLP/HTTP (protobuf) trace pipeline for `service`, when `settings` name an endpoint.
+///
+/// # Errors
+/// When the exporter cannot be built (an invalid endpoint URL or `OTEL_EXPORTER_OTLP_*` value).
+pub fn tracer_provider(
+    service: &'static str,
+    settings: &TelemetrySettings,
+    env: &Env,
+) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    if settings.otlp_endpoint.is_none() {
+        return Ok(None);
+    }
+    // The exporter reads the endpoint (appending `/v1/traces`), headers, timeout and compression
+    // from the standard `OTEL_EXPORTER_OTLP_*` variables itself.
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    // The resource reads `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`; the service's own
+    // name is the default when neither names it.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if env.get("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service);
+    }
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build(),
+    ))
 }
 
 /// Installs `subscriber` as the process-wide default.
@@ -112,16 +197,45 @@ pub fn init_subscriber(
     tracing::subscriber::set_global_default(subscriber)
 }
 
+/// Keeps logging and trace export running; dropping it (at the end of `main`, after the graceful
+/// shutdown) exports the spans still queued, then flushes the buffered log lines.
+#[must_use = "dropping the guard stops trace export and log flushing"]
+pub struct TelemetryGuard {
+    traces: Option<SdkTracerProvider>,
+    _logs: tracing_appender::non_blocking::WorkerGuard,
+}
+
+impl std::fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryGuard")
+            .field("exporting", &self.traces.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.traces.take() {
+            // Shutdown flushes the batch processor: every span finished before SIGTERM goes out.
+            // It is bounded by `OTEL_BSP_EXPORT_TIMEOUT` (30 s by default), so a dead collector
+            // delays exit instead of hanging it.
+            if let Err(error) = provider.shutdown() {
+                tracing::warn!(error = %error, "could not export the last spans");
+            }
+        }
+    }
+}
+
 /// Logs to stdout through a background writer thread, so a slow terminal or pipe never blocks a
-/// request. Keep the returned guard alive until exit: dropping it flushes what is buffered.
+/// request, and exports traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Keep the returned guard
+/// alive until exit: dropping it exports queued spans and flushes buffered lines.
 ///
 /// # Errors
-/// Fails on an invalid `LOG_FORMAT` or if a global subscriber is already installed.
-pub fn init_stdout(
-    service: &'static str,
-    env: &Env,
-) -> Result<tracing_appender::non_blocking::WorkerGuard, TelemetryError> {
+/// Fails on an invalid `LOG_FORMAT`, an exporter that cannot be built, or if a global subscriber
+/// is already installed.
+pub fn init_stdout(service: &'static str, env: &Env) -> Result<TelemetryGuard, TelemetryError> {
     let settings = TelemetrySettings::from_env(env)?;
+    let traces = tracer_provider(service, &settings, env)?;
     // Lossy: under a log flood, lines are dropped rather than requests stalled. The buffer (128k
     // lines) absorbs any burst this system produces at benchmark load.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -133,8 +247,15 @@ pub fn init_stdout(
             64 * 1024,
             std::io::stdout(),
         ));
-    init_subscriber(get_subscriber(service, &settings, writer))?;
-    Ok(guard)
+    let tracer = traces.as_ref().map(|provider| provider.tracer(service));
+    init_subscriber(get_tracing_subscriber(service, &settings, writer, tracer))?;
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        tracing::info!(endpoint, "exporting traces over OTLP/HTTP");
+    }
+    Ok(TelemetryGuard {
+        traces,
+        _logs: guard,
+    })
 }
 
 /// Why logging could not be set up.
@@ -146,6 +267,9 @@ pub enum TelemetryError {
     /// A global subscriber was already installed.
     #[error(transparent)]
     AlreadyInstalled(#[from] tracing::subscriber::SetGlobalDefaultError),
+    /// The OTLP exporter could not be built from the `OTEL_EXPORTER_OTLP_*` settings.
+    #[error("cannot export traces: {0}")]
+    Exporter(String),
 }
 
 /// The flat JSON-lines layer described in the module documentation.
@@ -221,7 +345,15 @@ where
             .chain(span_members)
             .collect();
         // Keys this layer writes itself are reserved: a field of the same name is left out.
-        let mut written: Vec<&str> = vec!["timestamp", "level", "correlationId", "msg", "target"];
+        let mut written: Vec<&str> = vec![
+            "timestamp",
+            "level",
+            "correlationId",
+            "traceId",
+            "spanId",
+            "msg",
+            "target",
+        ];
         match sources.iter().find_map(|members| members.get("service")) {
             Some(member) => line.extend_from_slice(member),
             None => {
@@ -233,6 +365,12 @@ where
         if let Some(id) = correlation::current() {
             push_key(&mut line, "correlationId");
             push_str(&mut line, id.as_str());
+        }
+        if let Some((trace_id, span_id)) = trace_context::ids_for_log(extensions.iter()) {
+            push_key(&mut line, "traceId");
+            push_str(&mut line, &trace_id);
+            push_key(&mut line, "spanId");
+            push_str(&mut line, &span_id);
         }
         push_key(&mut line, "msg");
         match &visitor.message {
@@ -382,43 +520,59 @@ struct JsonVisitor {
 }
 
 impl JsonVisitor {
-    /// Where the value of `field` goes: the message buffer, or a new member of `members`.
-    fn slot(&mut self, field: &Field) -> &mut Vec<u8> {
-        if field.name() == "message" {
-            self.message.insert(Vec::new())
+    /// Where the value of `field` goes: the message buffer, a new member of `members`, or nowhere
+    /// for an OpenTelemetry attribute (a dotted name, which belongs to the trace).
+    fn slot(&mut self, field: &Field) -> Option<&mut Vec<u8>> {
+        let name = field.name();
+        if name == "message" {
+            Some(self.message.insert(Vec::new()))
+        } else if name.contains('.') {
+            None
         } else {
-            self.members.start(field.name())
+            Some(self.members.start(name))
         }
     }
 }
 
 impl Visit for JsonVisitor {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let out = self.slot(field);
-        out.push(b'"');
-        let _ = write!(JsonEscaped(out), "{value:?}");
-        out.push(b'"');
+        if let Some(out) = self.slot(field) {
+            out.push(b'"');
+            let _ = write!(JsonEscaped(out), "{value:?}");
+            out.push(b'"');
+        }
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        push_str(self.slot(field), value);
+        if let Some(out) = self.slot(field) {
+            push_str(out, value);
+        }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        push_json(self.slot(field), &value);
+        if let Some(out) = self.slot(field) {
+            push_json(out, &value);
+        }
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        push_json(self.slot(field), &value);
+        if let Some(out) = self.slot(field) {
+            push_json(out, &value);
+        }
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        push_json(self.slot(field), &value);
+        if let Some(out) = self.slot(field) {
+            push_json(out, &value);
+        }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        push_json(self.slot(field), &value);
+        if let Some(out) = self.slot(field) {
+            push_json(out, &value);
+        }
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        let out = self.slot(field);
-        out.push(b'"');
-        let _ = write!(JsonEscaped(out), "{value}");
-        out.push(b'"');
+        if let Some(out) = self.slot(field) {
+            out.push(b'"');
+            let _ = write!(JsonEscaped(out), "{value}");
+            out.push(b'"');
+        }
     }
 }
 
@@ -467,6 +621,7 @@ mod tests {
         let settings = TelemetrySettings {
             format: LogFormat::Json,
             filter: "info".to_owned(),
+            otlp_endpoint: None,
         };
         let subscriber = get_subscriber(service, &settings, logs.clone());
         (logs, subscriber)

@@ -6,7 +6,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::telemetry::{LogFormat, TelemetrySettings, get_subscriber, init_subscriber};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+
+use crate::telemetry::{
+    CapturedLogs, LogFormat, TelemetrySettings, get_subscriber, get_tracing_subscriber,
+    init_subscriber,
+};
 
 /// The development broker; `AMQP_URL` overrides it (see [`amqp_url`]).
 pub const LOCAL_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -33,6 +39,7 @@ pub fn init_test_logs() {
             let settings = TelemetrySettings {
                 format: LogFormat::Json,
                 filter: "info".to_owned(),
+                otlp_endpoint: None,
             };
             let _ = init_subscriber(get_subscriber("test", &settings, std::io::stdout));
         }
@@ -57,4 +64,67 @@ where
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Spans recorded in memory, for tests of what a trace looks like: install
+/// [`subscriber`](Self::subscriber) with `tracing::subscriber::set_default` on a current-thread
+/// runtime, run the code, then read [`spans`](Self::spans).
+#[derive(Debug, Clone)]
+pub struct CapturedSpans {
+    exporter: InMemorySpanExporter,
+    provider: SdkTracerProvider,
+    logs: CapturedLogs,
+}
+
+impl Default for CapturedSpans {
+    fn default() -> Self {
+        let exporter = InMemorySpanExporter::default();
+        // The simple processor exports each span as it ends, so a test reads it at once.
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        Self {
+            exporter,
+            provider,
+            logs: CapturedLogs::default(),
+        }
+    }
+}
+
+impl CapturedSpans {
+    /// A subscriber for `service` that exports spans here and writes JSON lines to
+    /// [`logs`](Self::logs).
+    pub fn subscriber(&self, service: &'static str) -> Box<dyn tracing::Subscriber + Send + Sync> {
+        let settings = TelemetrySettings {
+            format: LogFormat::Json,
+            filter: "info".to_owned(),
+            otlp_endpoint: None,
+        };
+        get_tracing_subscriber(
+            service,
+            &settings,
+            self.logs.clone(),
+            Some(self.provider.tracer(service)),
+        )
+    }
+
+    /// Every span finished so far.
+    pub fn spans(&self) -> Vec<SpanData> {
+        self.exporter.get_finished_spans().unwrap_or_default()
+    }
+
+    /// The log lines written through [`subscriber`](Self::subscriber).
+    pub fn logs(&self) -> &CapturedLogs {
+        &self.logs
+    }
+}
+
+/// A JSON-lines subscriber at `info` that exports no traces, writing to `logs`.
+pub fn untraced_subscriber(logs: CapturedLogs) -> Box<dyn tracing::Subscriber + Send + Sync> {
+    let settings = TelemetrySettings {
+        format: LogFormat::Json,
+        filter: "info".to_owned(),
+        otlp_endpoint: None,
+    };
+    get_subscriber("test", &settings, logs)
 }

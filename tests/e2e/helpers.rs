@@ -88,6 +88,7 @@ pub fn captured_logs() -> &'static CapturedLogs {
         let settings = TelemetrySettings {
             format: LogFormat::Json,
             filter: "info".to_owned(),
+            otlp_endpoint: None,
         };
         init_subscriber(get_subscriber("e2e", &settings, writer))
             .expect("no other global subscriber is installed in the e2e binary");

@@ -89,6 +89,7 @@ mod tests {
         let settings = TelemetrySettings {
             format: LogFormat::Json,
             filter: "info".to_owned(),
+            otlp_endpoint: None,
         };
         let subscriber = get_subscriber("inventory", &settings, logs.clone());
         tracing::subscriber::with_default(subscriber, || {

@@ -7,8 +7,8 @@
 //! 2. The circuit breaker (`breaker.rs`) admits the attempt or fails fast with
 //!    [`ClientError::CircuitOpen`].
 //! 3. The attempt goes to the next base URL (round-robin, so a retry lands on another instance)
-//!    with `x-correlation-id`, `x-request-timeout-ms` and `Idempotency-Key` when the request has
-//!    one. The attempt is abandoned after `min(attempt_timeout, time left)`; the callee is told
+//!    with `x-correlation-id`, `x-request-timeout-ms`, `traceparent` (each attempt its own CLIENT
+//!    span, [`crate::trace_context`]) and `Idempotency-Key` when the request has one. The attempt is abandoned after `min(attempt_timeout, time left)`; the callee is told
 //!    that minus `deadline_margin`, so its own deadline passes first and its answer (even a `504`
 //!    problem) arrives while this caller still listens: no hop outlives its caller.
 //! 4. A transient failure (connect error, timeout, `429`, `5xx` but `501`) of a request that may be
@@ -50,6 +50,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::time::Instant;
+use tracing::Instrument;
 use url::Url;
 
 use self::breaker::{CircuitBreaker, duration_ms};
@@ -58,6 +59,7 @@ use self::retry::RetryBudget;
 use crate::config::{ConfigError, Env};
 use crate::correlation;
 use crate::deadline::{self, Deadline};
+use crate::trace_context;
 
 /// The header that marks a request as safe to repeat (and that the callee deduplicates by).
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -406,10 +408,13 @@ impl ResilientClient {
             let forwarded = wait
                 .saturating_sub(config.deadline_margin)
                 .max(Duration::from_millis(1));
-            let error = match self
+            let span = trace_context::client_attempt(name, &request.method, &request.path, attempt);
+            let result = self
                 .attempt(request, headers.clone(), wait, forwarded)
-                .await
-            {
+                .instrument(span.clone())
+                .await;
+            trace_context::record_attempt(&span, &result);
+            let error = match result {
                 Ok(response) => {
                     permit.record(false);
                     return Ok(response);
@@ -523,6 +528,7 @@ impl ResilientClient {
         let uri = Uri::try_from(format!("{}{}", inner.bases[index], request.path))
             .map_err(|e| ClientError::Config(format!("{name}: {}: {e}", request.path)))?;
         headers.insert(deadline::HEADER.clone(), Deadline::header_value(forwarded));
+        trace_context::inject_attempt(&uri, &mut headers);
         let mut outgoing = http::Request::new(Full::new(request.body.clone().unwrap_or_default()));
         *outgoing.method_mut() = request.method.clone();
         *outgoing.uri_mut() = uri;

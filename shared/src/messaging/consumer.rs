@@ -1,7 +1,8 @@
 //! Consuming: manual acks, prefetch-bounded concurrency, delayed retries, dead letters.
 //!
-//! For each delivery: decode the envelope (undecodable → DLQ at once), restore the correlation ID
-//! and deadline, run the handler in a span naming the service, then
+//! For each delivery: decode the envelope (undecodable → DLQ at once), restore the correlation ID,
+//! deadline and trace context, run the handler in a span naming the service (the CONSUMER span
+//! `process {event type}`, a child of the producer's publish span), then
 //! - `Ok` → ack;
 //! - [`HandlerError::Transient`] with retries left → publish a copy (same ID, headers, body, with
 //!   `x-attempt` + 1) to the consumer's retry queue, wait for its confirm, then ack the original;
@@ -26,7 +27,7 @@ use super::broker::{Session, Shared};
 use super::publisher::{Prepared, publish_all};
 use super::topology::QueueTopology;
 use super::{Handler, HandlerError, envelope};
-use crate::{correlation, deadline};
+use crate::{correlation, deadline, trace_context};
 
 /// One consumer's running parts.
 pub(super) struct ConsumerTask {
@@ -122,7 +123,20 @@ async fn handle(context: Arc<Context>, delivery: Delivery, _permit: OwnedSemapho
         event_type = %message.event_type,
         message_id = %message.message_id,
         attempt,
+        otel.name = tracing::field::Empty,
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %context.shared.topology.exchange,
+        messaging.destination.subscription.name = %context.queue.queue,
+        messaging.rabbitmq.destination.routing_key = %message.event_type,
+        messaging.message.id = %message.message_id,
+        messaging.message.conversation_id = received.correlation_id.as_str(),
+        error.type = tracing::field::Empty,
     );
+    trace_context::consumer_span(&span, &message.event_type, received.trace);
     let started = Instant::now();
     let work = AssertUnwindSafe(context.handler.handle(message)).catch_unwind();
     let work = async {
@@ -168,6 +182,9 @@ async fn settle(
                 routing_key: context.queue.retry_queue.clone(),
                 body: delivery.data.clone(),
                 properties: envelope::with_attempt(&delivery.properties, attempt + 1),
+                // The copy keeps the original's `traceparent`: its next delivery is another
+                // child of the same publish span, beside this one.
+                span: tracing::Span::none(),
             };
             match publish_all(&context.shared, vec![Ok(copy)]).await.pop() {
                 Some(Ok(())) => ack(delivery, timeout).await,
@@ -186,6 +203,7 @@ async fn settle(
             }
         }
         Err(error) => {
+            trace_context::record_failure(&tracing::Span::current(), "dead_lettered");
             tracing::warn!(error = %error, elapsed_us, "message failed; moving it to the dead-letter queue");
             dead_letter(delivery, timeout).await;
         }

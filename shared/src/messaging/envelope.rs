@@ -4,7 +4,8 @@
 //! facts travel as AMQP properties (`message_id`, `type`, `timestamp`, `app_id`,
 //! `correlation_id`) and headers ([`HEADER_CORRELATION_ID`], [`HEADER_SCHEMA_VERSION`],
 //! [`HEADER_DEADLINE`], [`HEADER_ATTEMPT`]) so that tools (the management UI, the DLQ tool) can
-//! show a message without parsing its body.
+//! show a message without parsing its body. The W3C trace context travels in the `traceparent`
+//! and `tracestate` headers ([`crate::trace_context`]).
 
 use std::time::Duration;
 
@@ -17,9 +18,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
+use opentelemetry::trace::SpanContext;
+
 use super::{IncomingMessage, OutgoingMessage};
 use crate::correlation::CorrelationId;
 use crate::deadline::Deadline;
+use crate::trace_context;
 
 /// Header carrying the correlation ID (also in the `correlation_id` property).
 pub const HEADER_CORRELATION_ID: &str = "x-correlation-id";
@@ -78,13 +82,18 @@ pub fn encode(message: &OutgoingMessage) -> Result<Vec<u8>, serde_json::Error> {
 }
 
 /// The AMQP properties of `message`: persistent JSON with IDs, type, timestamp, publishing
-/// service, correlation ID and (when a request deadline is running) the remaining budget.
+/// service, correlation ID, trace context (`trace`: the publish span's, or the one forwarded) and
+/// (when a request deadline is running) the remaining budget.
 pub fn properties(
     app_id: &str,
     message: &OutgoingMessage,
     budget: Option<Duration>,
+    trace: Option<&SpanContext>,
 ) -> BasicProperties {
     let mut headers = FieldTable::default();
+    if let Some(trace) = trace {
+        trace_context::to_amqp(trace, &mut headers);
+    }
     headers.insert(
         HEADER_SCHEMA_VERSION.into(),
         AMQPValue::LongLongInt(i64::from(message.version)),
@@ -120,6 +129,8 @@ pub struct Received {
     pub correlation_id: CorrelationId,
     /// The budget the publisher had left, if it published inside a request.
     pub budget: Option<Duration>,
+    /// The producer's trace context, if the message carried a valid one.
+    pub trace: Option<SpanContext>,
 }
 
 /// Why a delivery could not be decoded (it goes to the DLQ without reaching a handler).
@@ -165,6 +176,7 @@ pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<Received, Dec
         },
         correlation_id,
         budget,
+        trace: trace_context::from_amqp(headers),
     })
 }
 
@@ -239,6 +251,7 @@ mod tests {
             version: 1,
             correlation_id: Some("req-42".to_owned()),
             data: Bytes::from_static(br#"{"sku":"BK-12","price":3990}"#),
+            trace: None,
         }
     }
 
@@ -254,7 +267,7 @@ mod tests {
         assert!(json["timestamp"].is_string());
 
         let props = with_attempt(
-            &properties("pricing", &message, Some(Duration::from_millis(900))),
+            &properties("pricing", &message, Some(Duration::from_millis(900)), None),
             3,
         );
         let received = decode(&props, &body).expect("decodes");
@@ -282,8 +295,28 @@ mod tests {
     fn a_message_without_attempt_header_is_the_first_attempt() {
         let message = outgoing();
         let body = encode(&message).expect("valid JSON");
-        let received = decode(&properties("pricing", &message, None), &body).expect("decodes");
+        let received =
+            decode(&properties("pricing", &message, None, None), &body).expect("decodes");
         assert_eq!(received.message.attempt, 1);
         assert_eq!(received.budget, None);
+        assert!(received.trace.is_none());
+    }
+
+    #[test]
+    fn the_trace_context_travels_in_the_headers_and_survives_a_retry_copy() {
+        let message = outgoing();
+        let body = encode(&message).expect("valid JSON");
+        let mut carrier = std::collections::HashMap::new();
+        carrier.insert(
+            "traceparent".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        );
+        let trace = trace_context::extract(&carrier).expect("valid");
+        let props = with_attempt(&properties("order", &message, None, Some(&trace)), 2);
+        let received = decode(&props, &body).expect("decodes");
+        let restored = received.trace.expect("carried");
+        assert_eq!(restored.trace_id(), trace.trace_id());
+        assert_eq!(restored.span_id(), trace.span_id());
+        assert!(restored.is_sampled());
     }
 }

@@ -138,6 +138,19 @@ pub enum PublishError {
     Broker(String),
 }
 
+impl PublishError {
+    /// A short, stable name of the failure, for span attributes and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Disconnected => "disconnected",
+            Self::Nacked => "nacked",
+            Self::Unroutable(_) => "unroutable",
+            Self::Timeout => "timeout",
+            Self::Broker(_) => "broker_error",
+        }
+    }
+}
+
 /// An outgoing message ready to publish (already serialised; the outbox stores these).
 #[derive(Debug, Clone)]
 pub struct OutgoingMessage {
@@ -151,10 +164,14 @@ pub struct OutgoingMessage {
     pub correlation_id: Option<String>,
     /// Payload JSON.
     pub data: Bytes,
+    /// The trace context the message was created in (sent as `traceparent`/`tracestate`; the
+    /// publish span is its child).
+    pub trace: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl OutgoingMessage {
-    /// Builds a message for `event` with a fresh ID, capturing the current correlation ID.
+    /// Builds a message for `event` with a fresh ID, capturing the current correlation ID and
+    /// trace context.
     ///
     /// # Errors
     /// Serialisation failure.
@@ -165,6 +182,7 @@ impl OutgoingMessage {
             version: E::VERSION,
             correlation_id: crate::correlation::current().map(|id| id.as_str().to_owned()),
             data: Bytes::from(serde_json::to_vec(event)?),
+            trace: crate::trace_context::current(),
         })
     }
 }

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Confirmation, ErrorKind, PublisherConfirm};
 use tokio::task::JoinHandle;
+use tracing::{Instrument, Span};
 
 use super::broker::{Session, Shared};
 use super::{OutgoingMessage, PublishError, envelope};
-use crate::deadline;
+use crate::{deadline, trace_context};
 
 /// Publishes with confirms; cheap to clone.
 #[derive(Clone)]
@@ -37,6 +38,8 @@ pub(super) struct Prepared {
     pub(super) routing_key: String,
     pub(super) body: Vec<u8>,
     pub(super) properties: BasicProperties,
+    /// The PRODUCER span covering the publish and its confirm (disabled when nothing exports).
+    pub(super) span: Span,
 }
 
 impl Publisher {
@@ -75,11 +78,21 @@ impl Publisher {
             .map(|message| {
                 let body = envelope::encode(&message)
                     .map_err(|e| PublishError::Broker(format!("message does not encode: {e}")))?;
+                let span = trace_context::producer(exchange, &message);
+                // The publish span's own context when exporting, else the one the message
+                // was created in, forwarded unchanged.
+                let trace = trace_context::context_of(&span).or_else(|| message.trace.clone());
                 Ok(Prepared {
                     exchange: exchange.clone(),
                     routing_key: message.event_type.clone(),
-                    properties: envelope::properties(self.shared.service, &message, budget),
+                    properties: envelope::properties(
+                        self.shared.service,
+                        &message,
+                        budget,
+                        trace.as_ref(),
+                    ),
                     body,
+                    span,
                 })
             })
             .collect();
@@ -118,9 +131,14 @@ pub(super) async fn publish_all(
             }
             (Ok(message), None) => message,
         };
-        match issue(shared, &session, message).await {
+        let span = message.span.clone();
+        match issue(shared, &session, message)
+            .instrument(span.clone())
+            .await
+        {
             Ok(waiting) => pending.push(Pending::Confirm(waiting)),
             Err(error) => {
+                trace_context::record_failure(&span, error.kind());
                 broken = Some(error.clone());
                 pending.push(Pending::Done(Err(error)));
             }
@@ -178,11 +196,18 @@ async fn issue(
     };
     let session = session.clone();
     let routing_key = message.routing_key;
-    Ok(tokio::spawn(async move {
-        let result = confirmed(&session, confirm, routing_key, timeout).await;
-        drop(permit);
-        result
-    }))
+    let span = message.span;
+    Ok(tokio::spawn(
+        async move {
+            let result = confirmed(&session, confirm, routing_key, timeout).await;
+            drop(permit);
+            if let Err(error) = &result {
+                trace_context::record_failure(&Span::current(), error.kind());
+            }
+            result
+        }
+        .instrument(span),
+    ))
 }
 
 async fn confirmed(

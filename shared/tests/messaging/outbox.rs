@@ -10,9 +10,15 @@ use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
 
 #[tokio::test]
 async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
-    let database = db::connect("sqlite::memory:", &[(1, "outbox", outbox::MIGRATION)])
-        .await
-        .expect("opens");
+    let database = db::connect(
+        "sqlite::memory:",
+        &[
+            (1, "outbox", outbox::MIGRATION),
+            (2, "outbox trace context", outbox::TRACE_CONTEXT_MIGRATION),
+        ],
+    )
+    .await
+    .expect("opens");
     let recorder = Recorder::accepting();
     let mut settings = settings();
     // One message at a time, so handling order shows publishing order.
