@@ -58,6 +58,7 @@ impl Application {
         );
 
         let metrics = Metrics::new(SERVICE);
+        broker.register_metrics(&metrics);
         let health = readiness_checks(store.clone(), broker.clone());
         let state = AppState {
             store: store.clone(),

@@ -72,6 +72,8 @@ impl Application {
             background.clone(),
         );
         let relay = OutboxRelay::new(database, broker.publisher());
+        broker.register_metrics(&metrics);
+        relay.register_metrics(&metrics);
 
         let health = readiness_checks(orders.clone(), broker.clone(), &pricing, &inventory);
         let state = AppState {

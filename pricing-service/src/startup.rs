@@ -57,6 +57,8 @@ impl Application {
         let relay = OutboxRelay::new(database, broker.publisher());
 
         let metrics = Metrics::new(SERVICE);
+        broker.register_metrics(&metrics);
+        relay.register_metrics(&metrics);
         let health = readiness_checks(store.clone(), broker.clone());
         let state = AppState {
             store,

@@ -28,7 +28,12 @@ pub async fn record(tx: &mut SqliteConnection, message_id: Uuid) -> Result<bool,
     .bind(message_id.to_string())
     .execute(tx)
     .await?;
-    Ok(inserted.rows_affected() == 1)
+    let first = inserted.rows_affected() == 1;
+    if !first {
+        // Counted as `duplicate` in `messaging_deliveries_total` by the consumer running this.
+        crate::messaging::metrics::mark_duplicate();
+    }
+    Ok(first)
 }
 
 #[cfg(test)]

@@ -10,9 +10,11 @@
 //! pruned, which keeps the table small.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
@@ -122,12 +124,24 @@ pub async fn pending(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
         .try_get("n")
 }
 
+/// How often the relay reads the backlog gauges (`outbox_pending_rows`, the oldest row's age):
+/// once a second is finer than any scrape interval and costs one indexed query.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
+
 /// Publishes pending outbox rows in order, marking them sent after the confirm.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
     db: Database,
     publisher: Publisher,
     wake: Arc<Notify>,
+    backlog: Backlog,
+}
+
+/// The outbox's backlog as last read by the relay.
+#[derive(Debug, Clone, Default)]
+struct Backlog {
+    pending: Gauge,
+    oldest_age: Gauge<f64, AtomicU64>,
 }
 
 /// What one round achieved.
@@ -147,7 +161,40 @@ impl OutboxRelay {
             db,
             publisher,
             wake: Arc::new(Notify::new()),
+            backlog: Backlog::default(),
         }
+    }
+
+    /// Registers the backlog gauges in `metrics`: `outbox_pending_rows` and
+    /// `outbox_oldest_pending_age_seconds` (0 when nothing is pending), read every second while
+    /// the relay runs.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        metrics.register(
+            "outbox_pending_rows",
+            "Outbox rows not yet confirmed by the broker",
+            self.backlog.pending.clone(),
+        );
+        metrics.register(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest outbox row not yet confirmed by the broker (0 when none)",
+            self.backlog.oldest_age.clone(),
+        );
+    }
+
+    /// Reads the backlog into the gauges.
+    async fn measure(&self) -> Result<(), sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n, \
+             coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) AS age \
+             FROM outbox WHERE sent_at IS NULL",
+        )
+        .fetch_one(self.db.pool())
+        .await?;
+        self.backlog.pending.set(row.try_get("n")?);
+        self.backlog
+            .oldest_age
+            .set(row.try_get::<f64, _>("age")?.max(0.0));
+        Ok(())
     }
 
     /// Wakes the relay at once (call after committing a transaction that enqueued).
@@ -162,11 +209,18 @@ impl OutboxRelay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0_u32;
         let mut last_prune: Option<Instant> = None;
+        let mut last_measured: Option<Instant> = None;
         while !shutdown.is_cancelled() {
             let round = tokio::select! {
                 () = shutdown.cancelled() => break,
                 round = self.round() => round,
             };
+            if last_measured.is_none_or(|at| at.elapsed() >= GAUGES_EVERY) {
+                last_measured = Some(Instant::now());
+                if let Err(error) = self.measure().await {
+                    tracing::debug!(error = %error, "cannot measure the outbox backlog");
+                }
+            }
             let pause = match round {
                 Ok(Round::Published { full: true }) => {
                     failures = 0;

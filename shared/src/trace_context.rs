@@ -221,9 +221,14 @@ pub fn exporting() -> bool {
 struct Forwarded(SpanContext);
 
 /// Makes `span` continue the trace of `parent` (a remote context from [`from_http`] or
-/// [`from_amqp`]). Without a remote context the span starts a new trace when exporting.
+/// [`from_amqp`]). Without one, the span starts a new trace when exporting, even inside a
+/// long-lived span (a consumer's, the broker supervisor's), so each request or delivery is a
+/// trace of its own.
 pub fn continue_from(span: &Span, parent: Option<SpanContext>) {
-    let Some(parent) = parent else { return };
+    let Some(parent) = parent else {
+        let _ = span.set_parent(opentelemetry::Context::new());
+        return;
+    };
     let remote = opentelemetry::Context::new().with_remote_span_context(parent.clone());
     if span.set_parent(remote).is_err() {
         // No OpenTelemetry layer: remember the context so it can be forwarded unchanged.

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use rand::Rng;
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::consumer::{self, ConsumerTask};
+use super::metrics::{DEAD_LETTER_POLL, MessagingMetrics};
 use super::topology::{QueueTopology, Topology};
 use super::{ConsumerSpec, MessagingSettings, PublishError, Publisher};
 use crate::health::CheckStatus;
@@ -62,6 +65,8 @@ pub(super) struct Shared {
     pub(super) window: Arc<Semaphore>,
     reconnects: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Publish, delivery and connection metrics ([`Broker::register_metrics`] exposes them).
+    pub(super) metrics: MessagingMetrics,
     /// Stops the supervisor (the caller's shutdown, or [`Broker::delete_topology`]).
     stop: CancellationToken,
     /// Cancelled once the supervisor has closed the connection for good.
@@ -136,12 +141,19 @@ impl Broker {
             session: watch::Sender::new(None),
             reconnects: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            metrics: MessagingMetrics::default(),
             stop: shutdown.child_token(),
             finished: CancellationToken::new(),
         });
         let span = tracing::info_span!("broker", service);
         tokio::spawn(supervise(shared.clone(), consumers).instrument(span));
         Self { shared }
+    }
+
+    /// Registers this connection's messaging metrics (publishes and confirms, connection state,
+    /// deliveries, handler latency, dead-letter depth; see [`super::metrics`]) in `metrics`.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        self.shared.metrics.register(metrics);
     }
 
     /// A publisher on this connection.
@@ -224,12 +236,14 @@ async fn supervise(shared: Arc<Shared>, consumers: Vec<ConsumerSpec>) {
         match open_session(&shared, &consumers).await {
             Ok(mut running) => {
                 failed_attempts = 0;
+                shared.metrics.connection(true, false);
                 tracing::info!(
                     reconnects = shared.reconnects.load(Ordering::Relaxed),
                     "connected to the broker"
                 );
                 let lost = running.watch(&shared).await;
                 running.close(&shared, lost.is_none()).await;
+                shared.metrics.connection(false, lost.is_some());
                 let Some(reason) = lost else { break };
                 shared.reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %reason, "lost the broker connection; reconnecting");
@@ -327,6 +341,17 @@ async fn open_session(shared: &Arc<Shared>, specs: &[ConsumerSpec]) -> Result<Ru
         let span = tracing::info_span!("consumer", service = shared.service, queue = %queue.queue);
         consumers.spawn(consumer::run(task).instrument(span));
     }
+    let dead_letter_queues = shared.topology.queues.iter();
+    let dead_letter_queues = dead_letter_queues
+        .map(|q| q.dead_letter_queue.clone())
+        .collect();
+    let depth_channel = bounded(timeout, connection.create_channel()).await?;
+    consumers.spawn(poll_dead_letters(
+        shared.clone(),
+        depth_channel,
+        dead_letter_queues,
+        stop_consumers.clone(),
+    ));
     shared.session.send_replace(Some(session.clone()));
     Ok(Running {
         connection,
@@ -334,6 +359,39 @@ async fn open_session(shared: &Arc<Shared>, specs: &[ConsumerSpec]) -> Result<Ru
         consumers,
         stop_consumers,
     })
+}
+
+/// Reads the depth of every dead-letter queue every [`DEAD_LETTER_POLL`] into the metrics, on a
+/// channel of its own (a failed passive declare closes its channel), until `stop`. Returns why it
+/// ended, like a consumer, so a broken channel rebuilds the session.
+async fn poll_dead_letters(
+    shared: Arc<Shared>,
+    channel: Channel,
+    queues: Vec<String>,
+    stop: CancellationToken,
+) -> String {
+    let timeout = shared.settings.operation_timeout;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut every = tokio::time::interval(DEAD_LETTER_POLL);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return "stopped".to_owned(),
+            _ = every.tick() => {}
+        }
+        for queue in &queues {
+            let declared =
+                channel.queue_declare(queue.as_str().into(), passive, FieldTable::default());
+            match bounded(timeout, declared).await {
+                Ok(state) => shared
+                    .metrics
+                    .dead_letter_depth(queue, state.message_count()),
+                Err(error) => return format!("cannot read the depth of {queue}: {error}"),
+            }
+        }
+    }
 }
 
 async fn start_consumer(

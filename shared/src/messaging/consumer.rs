@@ -13,7 +13,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::broker::{Session, Shared};
+use super::metrics::{self, DeliveryOutcome};
 use super::publisher::{Prepared, publish_all};
 use super::topology::QueueTopology;
 use super::{Handler, HandlerError, envelope};
@@ -111,6 +112,11 @@ async fn handle(context: Arc<Context>, delivery: Delivery, _permit: OwnedSemapho
                 "undecodable message; dead-lettering it"
             );
             dead_letter(&delivery, timeout).await;
+            let queue = &context.queue.queue;
+            context
+                .shared
+                .metrics
+                .delivered(queue, DeliveryOutcome::DeadLettered, None);
             return;
         }
     };
@@ -138,7 +144,9 @@ async fn handle(context: Arc<Context>, delivery: Delivery, _permit: OwnedSemapho
     );
     trace_context::consumer_span(&span, &message.event_type, received.trace);
     let started = Instant::now();
-    let work = AssertUnwindSafe(context.handler.handle(message)).catch_unwind();
+    let work = metrics::watching_duplicates(
+        AssertUnwindSafe(context.handler.handle(message)).catch_unwind(),
+    );
     let work = async {
         match envelope::deadline(received.budget) {
             Some(deadline) => deadline::scope(deadline, work).await,
@@ -148,32 +156,42 @@ async fn handle(context: Arc<Context>, delivery: Delivery, _permit: OwnedSemapho
     correlation::scope(received.correlation_id, async {
         // A panicking handler is a bug that retrying will not fix: dead-letter the message
         // instead of leaving it unacked (and the consumer's slot taken) forever.
-        let outcome = work
-            .instrument(span.clone())
-            .await
+        let (outcome, duplicate) = work.instrument(span.clone()).await;
+        let outcome = outcome
             .unwrap_or_else(|_| Err(HandlerError::Permanent("the handler panicked".to_owned())));
-        let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        settle(&context, &delivery, attempt, outcome, elapsed_us)
+        let handled_in = started.elapsed();
+        let settled = settle(&context, &delivery, attempt, outcome, handled_in)
             .instrument(span)
             .await;
+        let settled = match settled {
+            DeliveryOutcome::Applied if duplicate => DeliveryOutcome::Duplicate,
+            other => other,
+        };
+        let queue = &context.queue.queue;
+        context
+            .shared
+            .metrics
+            .delivered(queue, settled, Some(handled_in));
     })
     .await;
 }
 
-/// Acks, retries or dead-letters `delivery` according to the handler's `outcome`.
+/// Acks, retries or dead-letters `delivery` according to the handler's `outcome`; says which.
 async fn settle(
     context: &Context,
     delivery: &Delivery,
     attempt: u32,
     outcome: Result<(), HandlerError>,
-    elapsed_us: u64,
-) {
+    handled_in: Duration,
+) -> DeliveryOutcome {
     let timeout = context.shared.settings.operation_timeout;
     let max_retries = context.shared.settings.max_retries;
+    let elapsed_us = u64::try_from(handled_in.as_micros()).unwrap_or(u64::MAX);
     match outcome {
         Ok(()) => {
             tracing::info!(elapsed_us, "handled message");
             ack(delivery, timeout).await;
+            DeliveryOutcome::Applied
         }
         Err(HandlerError::Transient(reason)) if attempt <= max_retries => {
             tracing::warn!(error = %reason, elapsed_us, "transient failure; retrying after a delay");
@@ -187,7 +205,10 @@ async fn settle(
                 span: tracing::Span::none(),
             };
             match publish_all(&context.shared, vec![Ok(copy)]).await.pop() {
-                Some(Ok(())) => ack(delivery, timeout).await,
+                Some(Ok(())) => {
+                    ack(delivery, timeout).await;
+                    DeliveryOutcome::Retried
+                }
                 failed => {
                     // Leave it unacked: the rebuilt connection gets it redelivered, so a retry is
                     // never lost (and never requeued in a hot loop either).
@@ -199,6 +220,7 @@ async fn settle(
                     context
                         .session
                         .fail(format!("retry publish failed: {error}"));
+                    DeliveryOutcome::Unsettled
                 }
             }
         }
@@ -206,11 +228,12 @@ async fn settle(
             trace_context::record_failure(&tracing::Span::current(), "dead_lettered");
             tracing::warn!(error = %error, elapsed_us, "message failed; moving it to the dead-letter queue");
             dead_letter(delivery, timeout).await;
+            DeliveryOutcome::DeadLettered
         }
     }
 }
 
-async fn ack(delivery: &Delivery, timeout: std::time::Duration) {
+async fn ack(delivery: &Delivery, timeout: Duration) {
     match tokio::time::timeout(timeout, delivery.ack(BasicAckOptions::default())).await {
         Ok(Ok(_)) => {}
         // The broker redelivers unacked messages; the consumer's inbox absorbs the duplicate.
@@ -221,7 +244,7 @@ async fn ack(delivery: &Delivery, timeout: std::time::Duration) {
     }
 }
 
-async fn dead_letter(delivery: &Delivery, timeout: std::time::Duration) {
+async fn dead_letter(delivery: &Delivery, timeout: Duration) {
     let options = BasicNackOptions {
         requeue: false,
         ..BasicNackOptions::default()

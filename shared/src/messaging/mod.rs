@@ -19,6 +19,7 @@ mod broker;
 mod consumer;
 pub mod dlq;
 pub mod envelope;
+pub mod metrics;
 mod publisher;
 pub mod settings;
 pub mod topology;

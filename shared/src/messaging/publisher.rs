@@ -8,6 +8,7 @@
 //! about 10k msgs/s with a deep window).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Confirmation, ErrorKind, PublisherConfirm};
@@ -112,9 +113,18 @@ pub(super) async fn publish_all(
 ) -> Vec<Result<(), PublishError>> {
     let timeout = shared.settings.operation_timeout;
     let Some(session) = shared.session(timeout).await else {
+        let error = PublishError::Disconnected;
         return prepared
             .into_iter()
-            .map(|p| p.and(Err(PublishError::Disconnected)))
+            .map(|p| {
+                let message = p?;
+                trace_context::record_failure(&message.span, error.kind());
+                let routing_key = &message.routing_key;
+                shared
+                    .metrics
+                    .published(routing_key, error.kind(), Duration::ZERO);
+                Err(error.clone())
+            })
             .collect();
     };
     let mut pending = Vec::with_capacity(prepared.len());
@@ -132,6 +142,7 @@ pub(super) async fn publish_all(
             (Ok(message), None) => message,
         };
         let span = message.span.clone();
+        let routing_key = message.routing_key.clone();
         match issue(shared, &session, message)
             .instrument(span.clone())
             .await
@@ -139,6 +150,9 @@ pub(super) async fn publish_all(
             Ok(waiting) => pending.push(Pending::Confirm(waiting)),
             Err(error) => {
                 trace_context::record_failure(&span, error.kind());
+                shared
+                    .metrics
+                    .published(&routing_key, error.kind(), Duration::ZERO);
                 broken = Some(error.clone());
                 pending.push(Pending::Done(Err(error)));
             }
@@ -172,6 +186,7 @@ async fn issue(
         mandatory: true,
         ..BasicPublishOptions::default()
     };
+    let sent_at = std::time::Instant::now();
     let sent = tokio::time::timeout(
         timeout,
         session.channel.basic_publish(
@@ -197,10 +212,17 @@ async fn issue(
     let session = session.clone();
     let routing_key = message.routing_key;
     let span = message.span;
+    let shared = shared.clone();
     Ok(tokio::spawn(
         async move {
-            let result = confirmed(&session, confirm, routing_key, timeout).await;
+            let result = confirmed(&session, confirm, routing_key.clone(), timeout).await;
             drop(permit);
+            let outcome = result
+                .as_ref()
+                .map_or_else(PublishError::kind, |()| "acked");
+            shared
+                .metrics
+                .published(&routing_key, outcome, sent_at.elapsed());
             if let Err(error) = &result {
                 trace_context::record_failure(&Span::current(), error.kind());
             }
@@ -214,7 +236,7 @@ async fn confirmed(
     session: &Session,
     confirm: PublisherConfirm,
     routing_key: String,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<(), PublishError> {
     match tokio::time::timeout(timeout, confirm).await {
         Ok(Ok(Confirmation::Ack(None))) => Ok(()),

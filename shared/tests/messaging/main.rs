@@ -8,3 +8,4 @@ mod outbox;
 mod publish;
 mod reconnect;
 mod retries;
+mod traces;

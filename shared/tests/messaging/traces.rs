@@ -1,0 +1,180 @@
+//! Traces and metrics across the broker: the consumer's span joins the producer's trace, also
+//! after the event waited in the outbox, and every publish and delivery is counted.
+
+use opentelemetry::trace::{SpanId, SpanKind, TracerProvider as _};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use shared::db;
+use shared::messaging::OutgoingMessage;
+use shared::metrics::Metrics;
+use shared::outbox::{self, OutboxRelay};
+use shared::telemetry::{CapturedLogs, LogFormat, TelemetrySettings, get_tracing_subscriber};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::assert_eventually;
+use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
+
+/// Spans exported in memory, each as it ends.
+fn capture() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let settings = TelemetrySettings {
+        format: LogFormat::Json,
+        filter: "info".to_owned(),
+        otlp_endpoint: None,
+    };
+    let subscriber = get_tracing_subscriber(
+        "pricing",
+        &settings,
+        CapturedLogs::default(),
+        Some(provider.tracer("pricing")),
+    );
+    (exporter, tracing::subscriber::set_default(subscriber))
+}
+
+fn spans(exporter: &InMemorySpanExporter) -> Vec<SpanData> {
+    exporter.get_finished_spans().unwrap_or_default()
+}
+
+fn of_kind(spans: &[SpanData], kind: SpanKind) -> Vec<&SpanData> {
+    spans.iter().filter(|s| s.span_kind == kind).collect()
+}
+
+fn metric_line<'a>(rendered: &'a str, prefix: &str) -> Option<&'a str> {
+    rendered.lines().find(|line| line.starts_with(prefix))
+}
+
+#[tokio::test]
+async fn a_consumed_message_is_a_child_of_its_publish_span_and_both_are_counted() {
+    let (exporter, _guard) = capture();
+    let recorder = Recorder::accepting();
+    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let metrics = Metrics::new("pricing");
+    test.broker.register_metrics(&metrics);
+
+    let request = tracing::info_span!("request");
+    let message = {
+        let _entered = request.enter();
+        OutgoingMessage::new(&price_changed("BK-12")).expect("serialises")
+    };
+    test.broker
+        .publisher()
+        .publish(message)
+        .instrument(request.clone())
+        .await
+        .expect("confirmed");
+    drop(request);
+    assert_eventually!(
+        of_kind(&spans(&exporter), SpanKind::Consumer).len() == 1,
+        "no consumer span"
+    );
+
+    let spans = spans(&exporter);
+    let root = spans.iter().find(|s| s.name == "request").expect("request");
+    let publish = of_kind(&spans, SpanKind::Producer)[0];
+    let process = of_kind(&spans, SpanKind::Consumer)[0];
+    assert_eq!(publish.name, "publish price.changed");
+    assert_eq!(publish.parent_span_id, root.span_context.span_id());
+    assert_eq!(process.name, "process price.changed");
+    assert_eq!(process.parent_span_id, publish.span_context.span_id());
+    assert_eq!(
+        process.span_context.trace_id(),
+        root.span_context.trace_id()
+    );
+    let attribute = |span: &SpanData, key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    };
+    assert_eq!(
+        attribute(process, "messaging.system").as_deref(),
+        Some("rabbitmq")
+    );
+    assert_eq!(
+        attribute(process, "messaging.message.id"),
+        Some(recorder.seen()[0].message.message_id.to_string())
+    );
+
+    let rendered = metrics.render();
+    let queue = format!("{}.test.price-events", test.settings.namespace);
+    assert!(
+        metric_line(&rendered, "messaging_publishes_total{")
+            .is_some_and(|l| l.contains("outcome=\"acked\"") && l.ends_with(" 1")),
+        "{rendered}"
+    );
+    assert!(
+        metric_line(&rendered, "messaging_deliveries_total{")
+            .is_some_and(|l| l.contains(&queue) && l.contains("applied") && l.ends_with(" 1")),
+        "{rendered}"
+    );
+    assert!(
+        metric_line(&rendered, "messaging_confirm_duration_seconds_count{")
+            .is_some_and(|l| l.ends_with(" 1")),
+        "{rendered}"
+    );
+    assert!(
+        metric_line(&rendered, "messaging_broker_connected{").is_some_and(|l| l.ends_with(" 1")),
+        "{rendered}"
+    );
+    test.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_request_that_stored_it()
+ {
+    let (exporter, _guard) = capture();
+    let database = db::connect(
+        "sqlite::memory:",
+        &[
+            (1, "outbox", outbox::MIGRATION),
+            (2, "outbox trace context", outbox::TRACE_CONTEXT_MIGRATION),
+        ],
+    )
+    .await
+    .expect("opens");
+    let recorder = Recorder::accepting();
+    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let relay = OutboxRelay::new(database.clone(), test.broker.publisher());
+    let metrics = Metrics::new("pricing");
+    relay.register_metrics(&metrics);
+
+    // The request commits the row and ends before anything is published.
+    let request = tracing::info_span!("request");
+    async {
+        let mut tx = database.begin_write().await.expect("begins");
+        outbox::enqueue(&mut tx, &price_changed("BK-12"))
+            .await
+            .expect("enqueues");
+        tx.commit().await.expect("commits");
+    }
+    .instrument(request.clone())
+    .await;
+    let root = shared::trace_context::context_of(&request).expect("the request is traced");
+    drop(request);
+
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(relay.clone().run(stop.clone()));
+    assert_eventually!(recorder.count() == 1, "the event was not consumed");
+    assert_eventually!(
+        of_kind(&spans(&exporter), SpanKind::Consumer).len() == 1,
+        "no consumer span"
+    );
+    let spans = spans(&exporter);
+    let publish = of_kind(&spans, SpanKind::Producer)[0];
+    let process = of_kind(&spans, SpanKind::Consumer)[0];
+    assert_eq!(publish.parent_span_id, root.span_id());
+    assert_eq!(publish.span_context.trace_id(), root.trace_id());
+    assert_eq!(process.parent_span_id, publish.span_context.span_id());
+    assert_ne!(process.parent_span_id, SpanId::INVALID);
+    assert_eventually!(
+        metric_line(&metrics.render(), "outbox_pending_rows{").is_some_and(|l| l.ends_with(" 0")),
+        "the backlog gauge was not updated"
+    );
+
+    stop.cancel();
+    running.await.expect("the relay stops");
+    test.cleanup().await;
+}
