@@ -17,7 +17,8 @@ Static (always):
     (its PORT, or the binary's default); comma-separated lists are checked entry by entry;
   * every variable set for a service is a name the service's code (its crate or `shared`) mentions,
     so a typo such as AMQP_ULR fails here instead of silently falling back to a default;
-  * SQLite files live on a named volume of their own; only gateway and rabbitmq publish ports.
+  * SQLite files live on a named volume of their own; only gateway and rabbitmq publish ports (and
+    the observability profile's tools, each its own UI).
 
 Runtime (unless --static-only): "every variable a service reads is set or has a default that works
 under compose" cannot be read off the source, so it is proven by running: the four release binaries
@@ -71,6 +72,9 @@ BROKER = "rabbitmq"
 AMQP_PORT = 5672
 MANAGEMENT_PORT = 15672
 PUBLIC_SERVICE = "gateway"
+# The optional tools of `docker compose --profile observability up`, and the UI port each may publish.
+OBSERVABILITY_PROFILE = "observability"
+OBSERVABILITY_UI_PORTS = {"jaeger": {16686}, "prometheus": {9090}, "grafana": {3000}}
 # The ports the binaries listen on when PORT is unset (the environment contract in the design).
 DEFAULT_PORTS = {"gateway": 8080, "order-service": 4001, "inventory-service": 4002, "pricing-service": 4003}
 VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
@@ -294,6 +298,9 @@ def static_checks(compose: dict, dockerfile: str, host_env: dict[str, str], repo
             check(container_ports == {apps[name].port}, f"{name}: publishes exactly its port {apps[name].port}")
         elif name == BROKER:
             check(container_ports <= {MANAGEMENT_PORT}, f"{name}: publishes only the management UI")
+        elif OBSERVABILITY_PROFILE in (svc.get("profiles") or []):
+            # The observability tools are there to be looked at: each publishes its own UI.
+            check(container_ports <= OBSERVABILITY_UI_PORTS.get(name, set()), f"{name}: publishes only its UI")
         else:
             check(not published, f"{name}: publishes no port (only {PUBLIC_SERVICE} and {BROKER} may)")
 
