@@ -301,6 +301,9 @@ pub fn server_span(span: &Span, method: &Method, route: &str, headers: &HeaderMa
 
 /// Records the response `status` on the SERVER `span`; a `5xx` marks it failed.
 pub fn record_response(span: &Span, status: u16) {
+    if !exporting() {
+        return;
+    }
     span.record("http.response.status_code", status);
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
@@ -339,7 +342,7 @@ pub fn client_attempt(dependency: &'static str, method: &Method, path: &str, res
 /// `headers`: the attempt span's own when exporting, otherwise the forwarded one.
 pub fn inject_attempt(uri: &Uri, headers: &mut HeaderMap) {
     let span = Span::current();
-    if !span.is_disabled() {
+    if exporting() {
         span.record("url.full", tracing::field::display(uri));
         if let Some(host) = uri.host() {
             span.record("server.address", host);

@@ -101,6 +101,23 @@ impl TestBroker {
     }
 }
 
+/// An in-memory database with the outbox table (and its trace context columns).
+pub async fn outbox_database() -> shared::db::Database {
+    shared::db::connect(
+        "sqlite::memory:",
+        &[
+            (1, "outbox", shared::outbox::MIGRATION),
+            (
+                2,
+                "outbox trace context",
+                shared::outbox::TRACE_CONTEXT_MIGRATION,
+            ),
+        ],
+    )
+    .await
+    .expect("the database opens")
+}
+
 /// The consumer queue name used by the tests (before the namespace).
 pub const QUEUE: &str = "test.price-events";
 

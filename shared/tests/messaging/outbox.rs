@@ -1,24 +1,15 @@
 //! The outbox relay publishes committed rows in order and marks them sent.
 
-use shared::db;
 use shared::events::PriceChanged;
 use shared::outbox::{self, OutboxRelay};
 use tokio_util::sync::CancellationToken;
 
 use crate::assert_eventually;
-use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
+use crate::helpers::{Recorder, TestBroker, consumer, outbox_database, price_changed, settings};
 
 #[tokio::test]
 async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
-    let database = db::connect(
-        "sqlite::memory:",
-        &[
-            (1, "outbox", outbox::MIGRATION),
-            (2, "outbox trace context", outbox::TRACE_CONTEXT_MIGRATION),
-        ],
-    )
-    .await
-    .expect("opens");
+    let database = outbox_database().await;
     let recorder = Recorder::accepting();
     let mut settings = settings();
     // One message at a time, so handling order shows publishing order.

@@ -3,7 +3,6 @@
 
 use opentelemetry::trace::{SpanId, SpanKind, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use shared::db;
 use shared::messaging::OutgoingMessage;
 use shared::metrics::Metrics;
 use shared::outbox::{self, OutboxRelay};
@@ -12,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::assert_eventually;
-use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
+use crate::helpers::{Recorder, TestBroker, consumer, outbox_database, price_changed, settings};
 
 /// Spans exported in memory, each as it ends.
 fn capture() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
@@ -126,15 +125,7 @@ async fn a_consumed_message_is_a_child_of_its_publish_span_and_both_are_counted(
 async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_request_that_stored_it()
  {
     let (exporter, _guard) = capture();
-    let database = db::connect(
-        "sqlite::memory:",
-        &[
-            (1, "outbox", outbox::MIGRATION),
-            (2, "outbox trace context", outbox::TRACE_CONTEXT_MIGRATION),
-        ],
-    )
-    .await
-    .expect("opens");
+    let database = outbox_database().await;
     let recorder = Recorder::accepting();
     let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
     let relay = OutboxRelay::new(database.clone(), test.broker.publisher());
