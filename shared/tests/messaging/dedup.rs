@@ -8,10 +8,11 @@ use futures::future::BoxFuture;
 use shared::db::{self, Database};
 use shared::inbox;
 use shared::messaging::{Handler, HandlerError, IncomingMessage, OutgoingMessage};
+use shared::metrics::Metrics;
 use sqlx::Row;
 
 use crate::assert_eventually;
-use crate::helpers::{TestBroker, consumer, price_changed, settings};
+use crate::helpers::{TestBroker, consumer, deliveries, price_changed, settings};
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "inbox", inbox::MIGRATION),
@@ -60,6 +61,8 @@ async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
         deliveries: AtomicUsize::new(0),
     });
     let test = TestBroker::connected(settings(), vec![consumer(handler.clone())]).await;
+    let metrics = Metrics::new("test");
+    test.broker.register_metrics(&metrics);
     let message = OutgoingMessage::new(&price_changed("MG-07")).expect("serialises");
 
     let publisher = test.broker.publisher();
@@ -76,5 +79,10 @@ async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
         .expect("counts")
         .get::<i64, _>("n");
     assert_eq!(effects, 1);
+    assert_eventually!(
+        deliveries(&metrics, "duplicate") == 1,
+        "the second delivery is counted a duplicate"
+    );
+    assert_eq!(deliveries(&metrics, "applied"), 1);
     test.cleanup().await;
 }

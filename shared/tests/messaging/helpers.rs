@@ -101,6 +101,17 @@ impl TestBroker {
     }
 }
 
+/// The `messaging_deliveries_total` count with `outcome` in `metrics` (summed over queues).
+pub fn deliveries(metrics: &shared::metrics::Metrics, outcome: &str) -> u64 {
+    let label = format!("outcome=\"{outcome}\"");
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("messaging_deliveries_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// An in-memory database with the outbox table (and its trace context columns).
 pub async fn outbox_database() -> shared::db::Database {
     shared::db::connect(

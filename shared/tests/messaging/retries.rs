@@ -2,16 +2,19 @@
 
 use shared::correlation::{self, CorrelationId};
 use shared::messaging::{HandlerError, OutgoingMessage, dlq};
+use shared::metrics::Metrics;
 
 use crate::assert_eventually;
 use crate::helpers::{
-    QUEUE, Recorder, TestBroker, consumer, failing_first, price_changed, settings,
+    QUEUE, Recorder, TestBroker, consumer, deliveries, failing_first, price_changed, settings,
 };
 
 #[tokio::test]
 async fn a_handler_failing_twice_is_retried_and_the_message_processed_once() {
     let recorder = Recorder::with(failing_first(2));
     let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let metrics = Metrics::new("test");
+    test.broker.register_metrics(&metrics);
     let message = OutgoingMessage::new(&price_changed("TS-33")).expect("serialises");
 
     test.broker
@@ -30,6 +33,11 @@ async fn a_handler_failing_twice_is_retried_and_the_message_processed_once() {
     );
     let dead = dlq::list(&test.settings, QUEUE, 10).await.expect("lists");
     assert!(dead.is_empty(), "{dead:?}");
+    assert_eventually!(
+        deliveries(&metrics, "applied") == 1,
+        "the last attempt is counted applied"
+    );
+    assert_eq!(deliveries(&metrics, "retried"), 2);
     test.cleanup().await;
 }
 
@@ -93,6 +101,8 @@ async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers() {
 async fn a_permanent_failure_goes_to_the_dlq_without_retries() {
     let recorder = Recorder::with(|_| Err(HandlerError::Permanent("invalid".to_owned())));
     let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let metrics = Metrics::new("test");
+    test.broker.register_metrics(&metrics);
     let message = OutgoingMessage::new(&price_changed("ST-01")).expect("serialises");
 
     test.broker
@@ -110,5 +120,9 @@ async fn a_permanent_failure_goes_to_the_dlq_without_retries() {
         "the message never reached the DLQ"
     );
     assert_eq!(recorder.count(), 1);
+    assert_eventually!(
+        deliveries(&metrics, "dead_lettered") == 1,
+        "the dead letter is counted"
+    );
     test.cleanup().await;
 }
