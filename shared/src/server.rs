@@ -86,7 +86,7 @@ async fn observe(service: &'static str, request: Request, next: Next) -> Respons
     async move {
         let response = next.run(request).await;
         let status = response.status().as_u16();
-        crate::trace_context::record_response(&tracing::Span::current(), status);
+        crate::trace_context::record_response(status);
         let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         if response.status().is_server_error() {
             tracing::warn!(status, elapsed_us, "{method} {uri}");

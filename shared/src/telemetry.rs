@@ -126,6 +126,9 @@ where
 {
     let filter = EnvFilter::try_new(&settings.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let exporting = tracer.is_some().then_some(ExportingMarker);
+    if exporting.is_some() {
+        trace_context::exporter_built();
+    }
     // Source locations and thread names would double the attributes of every span; the span's
     // name, kind and conventional attributes are what a trace view needs.
     let traces = tracer.map(|tracer| {
