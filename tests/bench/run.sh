@@ -5,6 +5,8 @@
 #   bash tests/bench/run.sh --smoke       # a few seconds, no targets asserted (CI)
 #   bash tests/bench/run.sh --no-build    # use the release binaries already in target/release
 #   bash tests/bench/run.sh --keep        # keep the temporary directory with logs and databases
+#   bash tests/bench/run.sh --tracing-cost # (d) and (a, 64) with tracing off and with export on
+#                                          # at 100 % sampling, interleaved (tracing_cost.py)
 #
 # Environment: DURATION (seconds per run, default 10), WARMUP (seconds per scenario, 3), ROUNDS
 # (2), RELAY_EVENTS (50000), AMQP_URL (amqp://guest:guest@127.0.0.1:5672/%2f). See README.md.
@@ -14,12 +16,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 build=1
 args=()
+tracing_cost=0
 for arg in "$@"; do
   case "$arg" in
     --no-build) build=0 ;;
+    --tracing-cost) tracing_cost=1 ;;
     --smoke | --keep) args+=("$arg") ;;
     -h | --help) sed -n '2,/^set -euo/{/^set/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "usage: $0 [--smoke] [--no-build] [--keep]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--smoke] [--no-build] [--keep] [--tracing-cost]" >&2; exit 2 ;;
   esac
 done
 
@@ -35,4 +39,8 @@ if [ "$build" = 1 ]; then
   cargo build --release -p gateway -p order-service -p inventory-service -p pricing-service
 fi
 
+if [ "$tracing_cost" = 1 ]; then
+  target=${CARGO_TARGET_DIR:-target}
+  exec python3 tests/bench/tracing_cost.py --variant "off=$target" --variant "export=$target:export"
+fi
 exec python3 tests/bench/bench.py "${args[@]}"
