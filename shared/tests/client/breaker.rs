@@ -215,7 +215,8 @@ async fn full_attempt_timeouts_inside_a_longer_request_deadline_open_the_breaker
     let upstream = MockServer::start().await;
     healthy(&upstream, Duration::from_secs(5)).await;
     let mut config = config(&[&upstream]);
-    config.breaker.failure_threshold = 2;
+    // One call whose every attempt timed out is one failed call.
+    config.breaker.failure_threshold = 1;
     config.attempt_timeout = Duration::from_millis(200);
     let client = client(config);
 
@@ -234,12 +235,13 @@ async fn an_attempt_clipped_by_the_deadline_does_not_reset_the_failure_count() {
     let upstream = MockServer::start().await;
     healthy(&upstream, Duration::from_secs(5)).await;
     let mut config = config(&[&upstream]);
-    config.breaker.failure_threshold = 3;
+    config.breaker.failure_threshold = 2;
     config.attempt_timeout = Duration::from_millis(200);
     let client = client(config);
 
     // Each call: two full 200 ms attempts (failures), then one clipped by the 500 ms deadline
-    // (no information). Two calls make four consecutive failures, past the threshold of three.
+    // (no information, and no success either). Each call therefore failed, and two failed calls
+    // reach the threshold.
     for _ in 0..2 {
         let result = shared::deadline::scope(
             shared::deadline::Deadline::after(Duration::from_millis(500)),

@@ -7,14 +7,16 @@ use url::Url;
 use wiremock::MockServer;
 
 /// A config for `upstreams` whose timings keep tests fast: backoff of a few milliseconds, a
-/// retry budget large enough never to interfere (tests of the budget set their own), and a breaker
-/// that only trips where a test wants it to.
+/// retry budget large enough never to interfere (tests of the budget set their own), a breaker
+/// that only trips where a test wants it to, and no hedging (the tests of retries and deadlines
+/// count attempts; the hedging tests turn it on).
 pub fn config(upstreams: &[&MockServer]) -> ClientConfig {
     let mut config = ClientConfig::new("inventory", upstreams.iter().map(|s| url(s)).collect());
     config.retry.base_delay = Duration::from_millis(1);
     config.retry.max_delay = Duration::from_millis(5);
     config.retry.budget_min_per_sec = 1000;
     config.breaker.failure_threshold = 1000;
+    config.hedge_delay = None;
     config
 }
 

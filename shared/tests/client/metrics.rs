@@ -17,7 +17,8 @@ async fn several_clients_share_one_family_per_metric() {
     let mut pricing = config(&[&upstream]);
     pricing.name = "pricing";
     pricing.retry.max_attempts = 2;
-    pricing.breaker.failure_threshold = 2;
+    // One failed call (both attempts failed) opens it.
+    pricing.breaker.failure_threshold = 1;
     let pricing = client(pricing);
     let inventory = client(config(&[&upstream]));
     let metrics = Metrics::new("order");
@@ -60,5 +61,12 @@ async fn the_health_check_reports_the_breaker_as_information() {
     assert!(check.ok);
     assert_eq!(check.detail["dependency"], "inventory");
     assert_eq!(check.detail["breaker"], "closed");
-    assert_eq!(check.detail["instances"], 1);
+    let instances = check.detail["instances"].as_array().expect("a list");
+    assert_eq!(instances.len(), 1);
+    assert_eq!(
+        instances[0]["address"],
+        upstream.uri().trim_start_matches("http://")
+    );
+    assert_eq!(instances[0]["state"], "eligible");
+    assert_eq!(instances[0]["inFlight"], 0);
 }
