@@ -88,10 +88,16 @@ impl Default for BalanceConfig {
 /// within two minutes.
 const MAX_EJECTION_FACTOR: u32 = 10;
 
-/// The first latency estimate of a new instance and how fast an estimate forgets: Linkerd's
-/// defaults (30 ms, 10 s). A new instance starts as an average one rather than the best, so it is
-/// not flooded before its first answers are in.
-const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// The first latency estimate of a new instance: next to nothing, so an instance that appears is
+/// chosen as soon as the balancer samples it. The estimate is peak-sensitive, so the instance's
+/// first answer replaces it with its real latency, and a new instance is favoured for one round
+/// trip at most. (A conservative default, say 30 ms, would leave a new instance idle while an
+/// older one answers faster than that: with two instances, power of two choices compares both
+/// every time.)
+const DEFAULT_RTT: Duration = Duration::from_micros(1);
+
+/// How fast an estimate forgets: an instance that was slow 10 s ago has mostly earned its share
+/// back, as in Linkerd's balancer.
 const RTT_DECAY: Duration = Duration::from_secs(10);
 
 /// A resolution that takes longer than this fails (and the last set stays): a healthy resolver

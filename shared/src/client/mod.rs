@@ -483,10 +483,11 @@ impl ResilientClient {
                 next = None;
                 match self.start(kind, attempts, deadline, &call.tried).await {
                     Ok(Some(instance)) => {
-                        call.tried
-                            .push((Arc::clone(&instance), Instant::now(), false));
+                        let started = Instant::now();
+                        call.tried.push((Arc::clone(&instance), started, false));
                         running.push(self.attempt(
                             instance,
+                            started,
                             request,
                             &headers,
                             deadline,
@@ -713,12 +714,12 @@ impl ResilientClient {
     async fn attempt(
         &self,
         instance: Arc<Instance>,
+        started: Instant,
         request: &ClientRequest,
         headers: &HeaderMap,
         deadline: Deadline,
         attempt_timeout: Duration,
     ) -> Attempt {
-        let started = Instant::now();
         let name = self.name();
         let margin = self.inner.config.deadline_margin;
         let (result, full) =
@@ -1027,6 +1028,44 @@ mod tests {
         assert!(put.is_retryable());
         let get = ClientRequest::get("/stock/BK-12");
         assert!(get.body.is_none() && get.is_retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_error_counts_only_when_the_instance_answered_nothing_meanwhile() {
+        let http = transport::build(Duration::from_millis(250)).expect("client");
+        let instances = Arc::new(
+            Instances::new(
+                "order",
+                &urls("http://127.0.0.1:4001"),
+                http,
+                BalanceConfig::default(),
+                Resolver::default(),
+            )
+            .expect("instances"),
+        );
+        let instance = instances.pick(&[], false).await.expect("ok").expect("one");
+        let connect = || ClientError::Connect {
+            dependency: "order",
+            source: "connect timed out".into(),
+        };
+
+        // Silent since the attempt began: a dead instance, its connect error counts.
+        let started = Instant::now();
+        assert_eq!(
+            attempt_verdict(&connect(), &instance, started, true),
+            Some(true)
+        );
+
+        // It answered another attempt while this one was connecting: it is up, and the failed
+        // connect is this caller's own burst overflowing its accept queue.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        instances.record(&instance, Some(false), true);
+        assert_eq!(attempt_verdict(&connect(), &instance, started, true), None);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(
+            attempt_verdict(&connect(), &instance, Instant::now(), true),
+            Some(true)
+        );
     }
 
     #[test]
