@@ -265,6 +265,8 @@ pub(super) struct Instances {
     config: BalanceConfig,
     resolver: Resolver,
     targets: Vec<Target>,
+    /// Whether some target is a name (otherwise the set never changes).
+    has_names: bool,
     current: RwLock<Arc<[Arc<Instance>]>>,
     /// When the names were last resolved (`None`: never, or there are no names).
     resolved_at: Mutex<Option<Instant>>,
@@ -301,6 +303,7 @@ impl Instances {
             http,
             config,
             resolver,
+            has_names: targets.iter().any(|t| t.name.is_some()),
             targets,
             current: RwLock::new(initial.into()),
             resolved_at: Mutex::new(None),
@@ -309,7 +312,7 @@ impl Instances {
     }
 
     /// The instance for the next attempt: power of two choices among the eligible instances that
-    /// `tried` does not contain. A retry falls back to the tried ones when no other is eligible; a
+    /// the call has not `tried`. A retry falls back to the tried ones when no other is eligible; a
     /// hedge (`hedge`) only to one with a free slot, so that it never queues behind the attempt it
     /// is meant to overtake (`Ok(None)`: no hedge).
     ///
@@ -317,26 +320,28 @@ impl Instances {
     /// [`ClientError::Connect`] when no name resolved to any address yet.
     pub(super) async fn pick(
         self: &Arc<Self>,
-        tried: &[Arc<Instance>],
+        tried: impl Fn(&Instance) -> bool,
         hedge: bool,
     ) -> Result<Option<Arc<Instance>>, ClientError> {
         self.resolve_if_due().await;
         let set = self.snapshot();
-        let now = Instant::now();
-        let untried = |i: &&Arc<Instance>| !tried.iter().any(|t| Arc::ptr_eq(t, i));
-        let eligible = |i: &&Arc<Instance>| !i.is_ejected(now);
-        let mut candidates: Vec<&Arc<Instance>> = match &set[..] {
+        let has_room = |i: &Instance| !hedge || !tried(i) || i.slots.available_permits() > 0;
+        if let [only] = &set[..] {
             // One instance (the common case): nothing to choose.
-            [only] => vec![only],
-            _ => set.iter().filter(eligible).filter(untried).collect(),
-        };
-        if candidates.is_empty() || candidates.iter().all(|i| !untried(i)) {
-            candidates = set.iter().filter(eligible).collect();
-            if hedge {
-                candidates.retain(|i| i.slots.available_permits() > 0);
-                if candidates.is_empty() {
-                    return Ok(None);
-                }
+            return Ok(has_room(only).then(|| Arc::clone(only)));
+        }
+        let now = Instant::now();
+        let eligible = |i: &&Arc<Instance>| !i.is_ejected(now);
+        let mut candidates: Vec<&Arc<Instance>> =
+            set.iter().filter(eligible).filter(|i| !tried(i)).collect();
+        if candidates.is_empty() {
+            candidates = set
+                .iter()
+                .filter(eligible)
+                .filter(|i| has_room(i))
+                .collect();
+            if hedge && candidates.is_empty() {
+                return Ok(None);
             }
         }
         if candidates.is_empty() {
@@ -422,7 +427,7 @@ impl Instances {
     /// Resolves the names when they never were (waiting for it) or when the last resolution is
     /// older than `resolve_every` (in the background, keeping the current set meanwhile).
     async fn resolve_if_due(self: &Arc<Self>) {
-        if self.targets.iter().all(|t| t.name.is_none()) {
+        if !self.has_names {
             return;
         }
         let resolved_at = *lock(&self.resolved_at);

@@ -623,9 +623,10 @@ impl ResilientClient {
                 retry_after,
             });
         }
-        let tried: Vec<Arc<Instance>> = tried.iter().map(|(i, _, _)| Arc::clone(i)).collect();
         let hedge = kind == Some(Next::Hedge);
-        let Some(instance) = inner.instances.pick(&tried, hedge).await? else {
+        let was_tried =
+            |instance: &Instance| tried.iter().any(|(i, _, _)| std::ptr::eq(&**i, instance));
+        let Some(instance) = inner.instances.pick(was_tried, hedge).await? else {
             return Ok(None);
         };
         if hedge {
@@ -1043,7 +1044,11 @@ mod tests {
             )
             .expect("instances"),
         );
-        let instance = instances.pick(&[], false).await.expect("ok").expect("one");
+        let instance = instances
+            .pick(|_| false, false)
+            .await
+            .expect("ok")
+            .expect("one");
         let connect = || ClientError::Connect {
             dependency: "order",
             source: "connect timed out".into(),
