@@ -62,12 +62,24 @@ class FaultProxy:
 
     def _run(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
+        self.server = self.loop.run_until_complete(
             asyncio.start_server(self._connection, "127.0.0.1", self.port)
         )
         started.set()
-        with server:
-            self.loop.run_forever()
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        """Stops listening, ends every connection and the proxy's thread."""
+
+        async def shutdown() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -98,7 +110,8 @@ class FaultProxy:
                     await asyncio.sleep(HANG_S)
                 writer.write(response)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            # A client that went away, or the proxy closing: nothing left to answer.
             return
         finally:
             writer.close()
@@ -190,7 +203,7 @@ def one_run(target: Path, kind: str, orders: int, seed: int, amqp_url: str) -> d
         }
     finally:
         stack.stop()
-        proxy.loop.call_soon_threadsafe(proxy.loop.stop)
+        proxy.close()
         try:
             bench.delete_topology(amqp_url, namespace)
         except OSError as error:
