@@ -139,3 +139,23 @@ async fn with_every_instance_hanging_hedges_stop_when_the_budget_is_spent() {
     let upstream_requests = received(&a).await.len() + received(&b).await.len();
     assert_eq!(upstream_requests, 10 + 10);
 }
+
+#[tokio::test]
+async fn no_hedge_starts_once_the_deadline_leaves_the_callee_nothing() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .mount(&upstream)
+        .await;
+    let client = client(hedging(config(&[&upstream])));
+
+    // At the hedge delay (50 ms) only 10 ms of the 60 ms are left, less than the 25 ms margin.
+    let result = shared::deadline::scope(
+        shared::deadline::Deadline::after(Duration::from_millis(60)),
+        client.send(ClientRequest::get("/stock/BK-12")),
+    )
+    .await;
+
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(received(&upstream).await.len(), 1);
+}
