@@ -5,6 +5,8 @@ proxy between order-service and inventory makes a share of inventory's answers h
     python3 tests/bench/faults.py hang          # 10 % of answers held 5 s
     python3 tests/bench/faults.py 503           # 30 % of answers replaced by 503
     python3 tests/bench/faults.py 503 --runs 5  # five runs, a fresh stack each
+    ORDERS=20 python3 tests/bench/faults.py hang --check   # CI: exit 3 unless every order is
+                                                         # placed and stock matches them
 
 Environment: ORDERS (per run, default 200), AMQP_URL. Uses the release binaries in target/release
 (tests/bench/run.sh builds them) or --target-dir. Prints, per run: orders placed, statuses,
@@ -216,6 +218,8 @@ def main() -> int:
     parser.add_argument("kind", choices=["hang", "503"])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 3 unless every order is placed and stock holds exactly one unit per order")
     parser.add_argument("--target-dir", default=os.environ.get("CARGO_TARGET_DIR", str(bench.ROOT / "target")))
     args = parser.parse_args()
     orders = int(os.environ.get("ORDERS", 200))
@@ -223,12 +227,18 @@ def main() -> int:
     target = Path(args.target_dir) / "release"
     print(f"{'run':>3} {'placed':>6} {'statuses':<22} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
           f"{'upstream':>8} {'per order':>9} {'injected':>8} {'taken':>5} {'reserved':>8}")
+    failed = False
     for run in range(1, args.runs + 1):
         r = one_run(target, args.kind, orders, args.seed + run, amqp_url)
+        # No timing is checked: a CI machine is slower and busier than the one the targets are for.
+        failed |= r["placed"] != orders or r["taken"] != r["placed"] or r["reserved"] != 0
         statuses = ", ".join(f"{k}×{v}" for k, v in sorted(r["statuses"].items()))
         print(f"{run:>3} {r['placed']:>6} {statuses:<22} {r['p50']:>7.1f} {r['p99']:>7.1f} {r['max']:>7.1f} "
               f"{r['upstream']:>8} {r['upstream'] / orders:>9.3f} {r['hung'] + r['failed']:>8} "
               f"{r['taken']:>5} {r['reserved']:>8}", flush=True)
+    if args.check and failed:
+        print("faults: an order failed, or stock does not match the orders placed", file=sys.stderr)
+        return 3
     return 0
 
 
