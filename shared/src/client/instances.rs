@@ -563,11 +563,17 @@ impl Instances {
 /// What `/metrics` shows of one instance.
 #[derive(Debug, Clone)]
 pub(super) struct InstanceView {
+    /// `ip:port` (or `host:port` of an address that is not resolved here).
     pub address: String,
+    /// Whether it is ejected now.
     pub ejected: bool,
+    /// Attempts on it right now.
     pub in_flight: u64,
+    /// Failed attempts since its last success.
     pub consecutive_failures: u32,
+    /// Attempts so far.
     pub attempts: u64,
+    /// Attempts that counted against it so far.
     pub failures: u64,
 }
 
