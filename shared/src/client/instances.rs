@@ -424,15 +424,19 @@ impl Instances {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Resolves the names when they never were (waiting for it) or when the last resolution is
-    /// older than `resolve_every` (in the background, keeping the current set meanwhile).
+    /// Resolves the names when they never were or gave no address (waiting for it), or when the
+    /// last resolution is older than `resolve_every` (in the background, keeping the current set
+    /// meanwhile).
     async fn resolve_if_due(self: &Arc<Self>) {
         if !self.has_names {
             return;
         }
         let resolved_at = *lock(&self.resolved_at);
         match resolved_at {
+            // Never resolved, or nothing found yet (a dependency that is still starting): ask now
+            // rather than failing every call until the next interval.
             None => self.resolve().await,
+            Some(_) if self.snapshot().is_empty() => self.resolve().await,
             Some(at) if at.elapsed() >= self.config.resolve_every => {
                 if !self.refreshing.swap(true, Ordering::AcqRel) {
                     let me = Arc::clone(self);

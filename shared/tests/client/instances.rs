@@ -215,3 +215,25 @@ async fn an_instance_that_appears_gets_traffic_after_the_next_resolution() {
     calls(&client, 20).await;
     assert_eq!(first.requests(), before);
 }
+
+#[tokio::test]
+async fn a_name_that_resolves_to_nothing_yet_fails_the_call_and_is_asked_again_on_the_next() {
+    let addr = instance_addresses(1)[0];
+    let resolver = TestResolver::default();
+    let client = client(named_config(&resolver, addr.port()));
+
+    let error = client
+        .send(ClientRequest::get("/stock/BK-12"))
+        .await
+        .expect_err("no address yet");
+    assert!(
+        matches!(error, shared::client::ClientError::Connect { .. }),
+        "{error:?}"
+    );
+
+    // The service came up: the next call finds it without waiting for the interval.
+    let instance = TestInstance::start(addr, Behaviour::Healthy).await;
+    resolver.set(&[addr]);
+    calls(&client, 1).await;
+    assert_eq!(instance.requests(), 1);
+}
