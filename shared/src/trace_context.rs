@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, Method};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
@@ -372,14 +372,14 @@ pub fn client_attempt(dependency: &'static str, method: &Method, path: &str, res
 
 /// Names the attempt's target on the current attempt span and writes the context to send into
 /// `headers`: the attempt span's own when exporting, otherwise the forwarded one.
-pub fn inject_attempt(uri: &Uri, headers: &mut HeaderMap) {
+pub fn inject_attempt(url: &url::Url, headers: &mut HeaderMap) {
     if exporting() {
         let span = Span::current();
-        span.record("url.full", tracing::field::display(uri));
-        if let Some(host) = uri.host() {
+        span.record("url.full", url.as_str());
+        if let Some(host) = url.host_str() {
             span.record("server.address", host);
         }
-        if let Some(port) = uri.port_u16() {
+        if let Some(port) = url.port_or_known_default() {
             span.record("server.port", port);
         }
     }

@@ -48,8 +48,8 @@ async fn with_inventory_stopped_orders_fail_in_time_then_fast_and_recover_when_i
         "answered within the edge budget: {elapsed:?}"
     );
 
-    // Each failed order costs order-service's inventory client up to three failed attempts; the
-    // breaker opens at five consecutive failures, so within a few orders.
+    // Each failed order is one failed call of order-service's inventory client (its three attempts
+    // all refused); the breaker opens at five consecutive failed calls, so within a few orders.
     for _ in 0..5 {
         if inventory_breaker_at_order(&stack).await == "open" {
             break;

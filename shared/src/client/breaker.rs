@@ -1,14 +1,24 @@
 //! Circuit breaker: stop calling a dependency that keeps failing, probe it again after a while.
 //!
-//! `Closed` → (`failure_threshold` consecutive failures) → `Open` → (`open_for` elapsed) →
+//! `Closed` → (`failure_threshold` consecutive failed calls) → `Open` → (`open_for` elapsed) →
 //! `HalfOpen`, where at most `half_open_probes` calls go through at once: the first probe to
 //! succeed closes the breaker, the first to fail opens it again.
+//!
+//! It counts *calls*, not attempts: a call fails when every attempt it made (retries and hedges
+//! included) failed, and succeeds when any attempt proved the dependency alive. Counting attempts
+//! opened it on a mostly healthy dependency: with 30 % of attempts failing, five failed attempts
+//! in a row are likely somewhere among a few hundred, and the breaker then turned a partial
+//! failure into a full outage for `open_for`. A call fails only when its retries failed too
+//! (0.3³ ≈ 2.7 % of calls), and five of those in a row over 1,000 calls has a chance of about
+//! 1.4 × 10⁻⁵ (docs/decisions/0101). Ejection (`instances.rs`) takes a single failing instance
+//! out; the breaker is for the dependency as a whole.
 //!
 //! It counts *consecutive* failures rather than a failure rate over a sliding window. A rate needs
 //! a minimum request volume per window to mean anything (Hystrix, resilience4j: 20 calls), which a
 //! demo clicking through a few requests never reaches, so a rate-based breaker would never trip
-//! where people watch it. Consecutive failures trip after a handful of calls at any traffic level,
-//! and any success in between resets them, so a dependency that fails only sometimes is left alone.
+//! where people watch it. Consecutive failed calls trip after a handful of calls at any traffic
+//! level, and any success in between resets them, so a dependency that fails only sometimes is
+//! left alone.
 //!
 //! The state is a few words behind a `std::sync::Mutex` that is held for a comparison and an
 //! assignment, never across an `.await`. Time is `tokio::time::Instant`, so tests drive `open_for`
@@ -59,7 +69,7 @@ impl std::fmt::Display for BreakerState {
 /// Breaker thresholds.
 #[derive(Debug, Clone)]
 pub struct BreakerConfig {
-    /// Consecutive failures that open the breaker.
+    /// Consecutive failed calls that open the breaker.
     pub failure_threshold: u32,
     /// How long it stays open before half-opening.
     pub open_for: Duration,
@@ -68,11 +78,11 @@ pub struct BreakerConfig {
 }
 
 impl Default for BreakerConfig {
-    /// 5 consecutive failures, open for 5 s, 1 probe.
+    /// 5 consecutive failed calls, open for 5 s, 1 probe.
     ///
-    /// - **5 failures**: with 3 attempts per call, two failed calls to a dead dependency open it,
-    ///   so a demo that stops a container sees the breaker trip within a couple of requests, while
-    ///   one unlucky call (at most 3 failures) never does.
+    /// - **5 calls**: a demo that stops a container sees the breaker trip on its fifth request
+    ///   (each call's attempts fail within milliseconds on a refused connect), while a dependency
+    ///   failing 30 % of attempts opens it over 1,000 calls with a chance of about 1.4 × 10⁻⁵.
     /// - **5 s open**: long enough to shed load from a dependency that is restarting (a container
     ///   restart takes seconds), short enough that recovery shows up quickly in a demo and that a
     ///   briefly sick dependency is not shunned for long.
@@ -115,7 +125,7 @@ enum Phase {
     HalfOpen { probes_in_flight: u32 },
 }
 
-/// Permission to make one attempt; report how it went with [`Permit::record`].
+/// Permission to make one call; report how it went with [`Permit::record`].
 ///
 /// Dropping a permit without recording (the caller's future was cancelled) releases its probe slot
 /// and counts as neither success nor failure.
@@ -129,8 +139,8 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
-    /// Reports the attempt: `failure` is true for a connect error, a timeout or a 5xx; any other
-    /// answer (including 4xx and 429) proves the dependency is alive and counts as a success.
+    /// Reports the call: `failure` is true when its attempts failed (connect errors, timeouts,
+    /// 5xx); an answer that proves the dependency alive (a success, a 4xx or 429) is `false`.
     pub fn record(mut self, failure: bool) {
         self.settled = true;
         self.breaker
@@ -172,6 +182,17 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long the breaker stays open, when it is open (not when half-open).
+    pub fn open_remaining(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.half_open_if_due(&mut inner, now);
+        match inner.phase {
+            Phase::Open { until } => Some(until.saturating_duration_since(now)),
+            Phase::Closed { .. } | Phase::HalfOpen { .. } => None,
+        }
+    }
+
     /// Consecutive failures counted while closed (0 in the other states).
     pub fn consecutive_failures(&self) -> u32 {
         match self.lock().phase {
@@ -182,7 +203,7 @@ impl CircuitBreaker {
         }
     }
 
-    /// Asks to make one attempt.
+    /// Asks to make one call.
     ///
     /// # Errors
     /// When the breaker is open, or half-open with every probe slot taken, returns how long until

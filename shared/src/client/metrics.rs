@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::breaker::CircuitBreaker;
+use super::instances::Instances;
 use crate::metrics::Metrics;
 
 /// How a call ended, the `outcome` label of `http_client_requests_total`.
@@ -69,6 +70,7 @@ impl Outcome {
 pub struct ClientStats {
     requests: [AtomicU64; Outcome::ALL.len()],
     retries: AtomicU64,
+    hedges: AtomicU64,
     budget_exhausted: AtomicU64,
 }
 
@@ -83,7 +85,17 @@ impl ClientStats {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a retry refused by the budget.
+    /// Counts a hedge about to be sent.
+    pub fn hedge(&self) {
+        self.hedges.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hedges sent so far.
+    pub fn hedges(&self) -> u64 {
+        self.hedges.load(Ordering::Relaxed)
+    }
+
+    /// Counts a retry or hedge refused by the budget.
     pub fn budget_exhausted(&self) {
         self.budget_exhausted.fetch_add(1, Ordering::Relaxed);
     }
@@ -113,6 +125,8 @@ pub struct Observed {
     pub stats: Arc<ClientStats>,
     /// Its breaker.
     pub breaker: Arc<CircuitBreaker>,
+    /// Its instances.
+    pub instances: Arc<Instances>,
 }
 
 /// The clients registered in one [`Metrics`] registry (see [`Metrics::shared`]).
@@ -179,14 +193,84 @@ impl Collector for ClientCollector {
         }
 
         let mut family = encoder.encode_descriptor(
+            "http_client_hedges",
+            "Hedged attempts sent to a dependency (an attempt was slow, another joined it)",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in clients.iter() {
+            ConstCounter::new(c.stats.hedges())
+                .encode(family.encode_family(&[("dependency", c.dependency)])?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
             "http_client_budget_exhausted",
-            "Retries not sent because the retry budget was spent",
+            "Retries and hedges not sent because the retry budget was spent",
             None,
             MetricType::Counter,
         )?;
         for c in clients.iter() {
             ConstCounter::new(c.stats.budget_exhaustions())
                 .encode(family.encode_family(&[("dependency", c.dependency)])?)?;
+        }
+
+        let views: Vec<_> = clients
+            .iter()
+            .map(|c| (c.dependency, c.instances.views()))
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "http_client_instance_ejected",
+            "1 while an instance of a dependency is ejected for failing, else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (dependency, instances) in &views {
+            for i in instances {
+                let labels = [
+                    ("dependency", *dependency),
+                    ("instance", i.address.as_str()),
+                ];
+                ConstGauge::new(i64::from(i.ejected)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "http_client_instance_in_flight",
+            "Attempts in flight on an instance of a dependency",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (dependency, instances) in &views {
+            for i in instances {
+                let labels = [
+                    ("dependency", *dependency),
+                    ("instance", i.address.as_str()),
+                ];
+                ConstGauge::new(i64::try_from(i.in_flight).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "http_client_instance_attempts",
+            "Attempts on an instance of a dependency, by result (failure: counted against it)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (dependency, instances) in &views {
+            for i in instances {
+                for (result, count) in [
+                    ("failure", i.failures),
+                    ("other", i.attempts.saturating_sub(i.failures)),
+                ] {
+                    let labels = [
+                        ("dependency", *dependency),
+                        ("instance", i.address.as_str()),
+                        ("result", result),
+                    ];
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
+            }
         }
         Ok(())
     }

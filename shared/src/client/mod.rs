@@ -1,21 +1,30 @@
 //! The resilient HTTP client: one per dependency, built once from [`ClientConfig`].
 //!
-//! A call goes through these steps (breaker, retry policy, errors and metrics each have a file):
+//! A call goes through these steps (each part has a file):
 //!
 //! 1. The effective deadline is the request's deadline in scope ([`crate::deadline::current`]),
 //!    capped at `now + call_timeout`; nothing is sent once less than `deadline_margin` is left.
-//! 2. The circuit breaker (`breaker.rs`) admits the attempt or fails fast with
-//!    [`ClientError::CircuitOpen`].
-//! 3. The attempt goes to the next base URL (round-robin, so a retry lands on another instance)
-//!    with `x-correlation-id`, `x-request-timeout-ms`, `traceparent` (each attempt its own CLIENT
-//!    span, [`crate::trace_context`]) and `Idempotency-Key` when the request has one. The attempt is abandoned after `min(attempt_timeout, time left)`; the callee is told
-//!    that minus `deadline_margin`, so its own deadline passes first and its answer (even a `504`
-//!    problem) arrives while this caller still listens: no hop outlives its caller.
-//! 4. A transient failure (connect error, timeout, `429`, `5xx` but `501`) of a request that may be
+//! 2. The circuit breaker (`breaker.rs`) admits the call or fails fast with
+//!    [`ClientError::CircuitOpen`]. It counts failed *calls*, not attempts: a call fails when
+//!    every attempt it made failed.
+//! 3. Each attempt goes to an instance chosen by power of two choices over a latency estimate,
+//!    among the instances discovered behind the dependency's name and not ejected for failing
+//!    (`instances.rs`); a retry or hedge goes to another instance. An instance takes at most
+//!    `max_in_flight_per_instance` attempts at once; the next waits for a slot, within the
+//!    deadline.
+//! 4. The attempt (`transport.rs`, on reqwest) carries `x-correlation-id`, `x-request-timeout-ms`,
+//!    `traceparent` (each attempt, hedges included, is a CLIENT span of its own:
+//!    [`crate::trace_context`]) and `Idempotency-Key` when the request has one. It is abandoned
+//!    after `min(attempt_timeout, time left)`; the callee is told that minus `deadline_margin`, so
+//!    its own deadline passes first and its answer (even a `504` problem) arrives while this
+//!    caller still listens.
+//! 5. A transient failure (connect error, timeout, `429`, `5xx` but `501`) of a request that may be
 //!    sent twice (safe or idempotent method, or an idempotency key) is retried (`retry.rs`) after a
-//!    backoff with full jitter, stretched to honour `Retry-After`, if the retry budget
-//!    has a token and the sleep ends before the deadline; otherwise the error is returned at once.
-//! 5. Non-2xx answers become [`ClientError::Status`]; [`ClientError::to_problem`] turns any error
+//!    backoff with full jitter, stretched to honour `Retry-After`, if the retry budget has a token
+//!    and the sleep ends before the deadline. Such a request is also *hedged*: when an attempt has
+//!    not answered after `hedge_delay`, another starts on another instance and the first good
+//!    answer wins (the others are cancelled). Hedges count as attempts and draw on the same budget.
+//! 6. Non-2xx answers become [`ClientError::Status`]; [`ClientError::to_problem`] turns any error
 //!    into the `502`/`503`/`504` problem our own caller gets.
 //!
 //! ```no_run
@@ -30,22 +39,23 @@
 
 mod breaker;
 mod error;
+mod instances;
 mod metrics;
 mod retry;
+mod transport;
 
 pub use breaker::{BreakerConfig, BreakerState};
 pub use error::ClientError;
+pub use instances::{Addrs, BalanceConfig, Name, Resolve, Resolver, Resolving, SystemResolver};
 pub use retry::RetryConfig;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -54,6 +64,7 @@ use tracing::Instrument;
 use url::Url;
 
 use self::breaker::{CircuitBreaker, duration_ms};
+use self::instances::{Instance, Instances};
 use self::metrics::{ClientStats, Observed, Outcome};
 use self::retry::RetryBudget;
 use crate::config::{ConfigError, Env};
@@ -64,25 +75,14 @@ use crate::trace_context;
 /// The header that marks a request as safe to repeat (and that the callee deduplicates by).
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-/// Idle keep-alive connections kept per upstream host. Internal hops are many small requests, so
-/// reusing connections saves a TCP handshake each; 64 covers the concurrency of a busy demo
-/// service while bounding the sockets an idle process holds.
-const POOL_MAX_IDLE_PER_HOST: usize = 64;
-
-/// The pooled HTTP/1.1 client every attempt goes through.
-type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
-
-/// How long an idle pooled connection is kept. Shorter than the idle timeouts of common servers
-/// and load balancers (60 s and more), so this side closes first and never sends a request on a
-/// connection the server is closing at that moment.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Everything needed to build a [`ResilientClient`]; see each field's default for its reason.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// The dependency's name, in logs, metrics and `/readyz` (`"inventory"`).
     pub name: &'static str,
-    /// One or more base URLs; several instances are load-balanced round-robin per attempt.
+    /// One or more base URLs. A URL whose host is a name stands for every address the name
+    /// resolves to (re-resolved every [`BalanceConfig::resolve_every`]); one with an IP address
+    /// is one instance.
     pub base_urls: Vec<Url>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
@@ -92,10 +92,17 @@ pub struct ClientConfig {
     pub call_timeout: Duration,
     /// Subtracted from the remaining deadline before forwarding it.
     pub deadline_margin: Duration,
+    /// How long an attempt of a request that may be sent twice runs alone before a second one
+    /// starts on another instance; `None` never hedges.
+    pub hedge_delay: Option<Duration>,
     /// Retry policy.
     pub retry: RetryConfig,
     /// Circuit breaker policy.
     pub breaker: BreakerConfig,
+    /// Discovery, balancing, ejection and the bound on attempts in flight per instance.
+    pub balance: BalanceConfig,
+    /// How names are resolved.
+    pub resolver: Resolver,
 }
 
 impl ClientConfig {
@@ -110,7 +117,14 @@ impl ClientConfig {
     ///   retries still ends; 5 s matches the edge budget so both paths behave alike.
     /// - **margin 25 ms**: what each hop keeps for itself to turn the callee's answer (or its
     ///   absence) into a response before its own caller gives up; a few in-cluster round trips.
-    /// - retries and breaker: see [`RetryConfig::default`] and [`BreakerConfig::default`].
+    /// - **hedge after 50 ms**: a fixed delay rather than a percentile of recent latencies. The
+    ///   internal endpoints answer in a few milliseconds (the benchmark's p99 of a direct read is
+    ///   under 7 ms), so an attempt silent for 50 ms is almost always stuck, and hedging it cuts a
+    ///   hang from the 2 s attempt timeout to about 50 ms; a percentile would follow the latency
+    ///   up under load and hedge a fixed share of healthy traffic. Under overload the retry
+    ///   budget, not the delay, stops hedges.
+    /// - retries, breaker, balancing: see [`RetryConfig::default`], [`BreakerConfig::default`]
+    ///   and [`BalanceConfig::default`].
     pub fn new(name: &'static str, base_urls: Vec<Url>) -> Self {
         Self {
             name,
@@ -119,20 +133,25 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(2),
             call_timeout: Duration::from_secs(5),
             deadline_margin: Duration::from_millis(25),
+            hedge_delay: Some(Duration::from_millis(50)),
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
+            balance: BalanceConfig::default(),
+            resolver: Resolver::default(),
         }
     }
 
     /// Reads the dependency's URL list from `url_var` (default `default_url`; comma-separated
-    /// for several instances) and the tunables shared by every client of the process:
-    /// `HTTP_CONNECT_TIMEOUT_MS`, `HTTP_ATTEMPT_TIMEOUT_MS`, `HTTP_MAX_ATTEMPTS`,
-    /// `BREAKER_FAILURES`, `BREAKER_OPEN_MS` and `DEADLINE_MARGIN_MS`, each defaulting to
-    /// [`ClientConfig::new`]'s value.
+    /// for several URLs, each a name or an address) and the tunables shared by every client of
+    /// the process: `HTTP_CONNECT_TIMEOUT_MS`, `HTTP_ATTEMPT_TIMEOUT_MS`, `HTTP_MAX_ATTEMPTS`,
+    /// `HTTP_HEDGE_DELAY_MS` (`0` turns hedging off), `HTTP_MAX_IN_FLIGHT_PER_INSTANCE`,
+    /// `HTTP_RESOLVE_INTERVAL_MS`, `BREAKER_FAILURES`, `BREAKER_OPEN_MS` and
+    /// `DEADLINE_MARGIN_MS`, each defaulting to [`ClientConfig::new`]'s value.
     ///
     /// # Errors
     /// [`ConfigError`] when a variable does not parse, a URL is not `http(s)`, or a count that
-    /// must be positive (`HTTP_MAX_ATTEMPTS`, `BREAKER_FAILURES`) is zero.
+    /// must be positive (`HTTP_MAX_ATTEMPTS`, `BREAKER_FAILURES`,
+    /// `HTTP_MAX_IN_FLIGHT_PER_INSTANCE`) is zero.
     pub fn from_env(
         name: &'static str,
         env: &Env,
@@ -151,14 +170,23 @@ impl ClientConfig {
             }
             Ok(value)
         };
+        let hedge_delay = env.millis_or(
+            "HTTP_HEDGE_DELAY_MS",
+            defaults.hedge_delay.unwrap_or_default(),
+        )?;
+        let max_in_flight = positive(
+            "HTTP_MAX_IN_FLIGHT_PER_INSTANCE",
+            u32::try_from(defaults.balance.max_in_flight_per_instance).unwrap_or(u32::MAX),
+        )?;
         Ok(Self {
             base_urls: env.urls_or(url_var, default_url)?,
             connect_timeout: env.millis_or("HTTP_CONNECT_TIMEOUT_MS", defaults.connect_timeout)?,
             attempt_timeout: env.millis_or("HTTP_ATTEMPT_TIMEOUT_MS", defaults.attempt_timeout)?,
             deadline_margin: env.millis_or("DEADLINE_MARGIN_MS", defaults.deadline_margin)?,
+            hedge_delay: (!hedge_delay.is_zero()).then_some(hedge_delay),
             retry: RetryConfig {
                 max_attempts: positive("HTTP_MAX_ATTEMPTS", defaults.retry.max_attempts)?,
-                ..defaults.retry
+                ..defaults.retry.clone()
             },
             breaker: BreakerConfig {
                 failure_threshold: positive(
@@ -166,7 +194,13 @@ impl ClientConfig {
                     defaults.breaker.failure_threshold,
                 )?,
                 open_for: env.millis_or("BREAKER_OPEN_MS", defaults.breaker.open_for)?,
-                ..defaults.breaker
+                ..defaults.breaker.clone()
+            },
+            balance: BalanceConfig {
+                max_in_flight_per_instance: max_in_flight as usize,
+                resolve_every: env
+                    .millis_or("HTTP_RESOLVE_INTERVAL_MS", defaults.balance.resolve_every)?,
+                ..defaults.balance.clone()
             },
             ..defaults
         })
@@ -210,7 +244,7 @@ pub struct ClientRequest {
     pub headers: HeaderMap,
     /// Body, if any.
     pub body: Option<Bytes>,
-    /// Marks a non-idempotent request as safe to retry; sent as `Idempotency-Key`.
+    /// Marks a non-idempotent request as safe to retry and hedge; sent as `Idempotency-Key`.
     pub idempotency_key: Option<String>,
     /// A shorter per-attempt timeout than the client's, for a call that has a fallback and would
     /// rather fail over soon (never longer than [`ClientConfig::attempt_timeout`]).
@@ -260,8 +294,8 @@ impl ClientRequest {
     }
 
     /// Caps each attempt of this request at `timeout` (the client's own timeout still applies
-    /// when it is shorter). An attempt that runs its full, capped time counts against the breaker
-    /// like any full attempt.
+    /// when it is shorter). An attempt that runs its full, capped time counts as a failure of its
+    /// instance like any full attempt.
     #[must_use]
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = Some(timeout);
@@ -275,7 +309,8 @@ impl ClientRequest {
         self
     }
 
-    /// Whether sending this request twice is harmless, so a failed attempt may be retried.
+    /// Whether sending this request twice is harmless, so a failed attempt may be retried and a
+    /// slow one hedged.
     pub fn is_retryable(&self) -> bool {
         retry::is_idempotent(&self.method) || self.idempotency_key.is_some()
     }
@@ -292,7 +327,7 @@ impl ClientRequest {
     }
 }
 
-/// A client for one dependency. Cheap to clone; clones share pool, breaker and budget.
+/// A client for one dependency. Cheap to clone; clones share pool, instances, breaker and budget.
 #[derive(Debug, Clone)]
 pub struct ResilientClient {
     inner: Arc<Inner>,
@@ -300,48 +335,85 @@ pub struct ResilientClient {
 
 #[derive(Debug)]
 struct Inner {
-    http: HttpClient,
     config: ClientConfig,
-    /// Base URLs without their trailing slash, so `base + path` is the attempt's URL.
-    bases: Vec<String>,
-    next_base: AtomicUsize,
+    instances: Arc<Instances>,
     breaker: Arc<CircuitBreaker>,
     budget: RetryBudget,
     stats: Arc<ClientStats>,
+}
+
+/// One finished attempt.
+struct Attempt {
+    instance: Arc<Instance>,
+    started: Instant,
+    result: Result<ClientResponse, ClientError>,
+    /// Whether it had its whole attempt timeout (not cut short by the deadline).
+    full: bool,
+}
+
+/// What starts the next attempt of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// A failed attempt is retried.
+    Retry,
+    /// The attempts in flight are slow: another one joins them.
+    Hedge,
+}
+
+/// What a call's attempts said about the dependency, for the breaker: alive if any attempt got
+/// an answer that proves it (a success, a `4xx`), failing if some attempt failed and none proved
+/// it alive, and nothing otherwise.
+#[derive(Debug, Default, Clone, Copy)]
+struct CallVerdict {
+    alive: bool,
+    failed: bool,
+}
+
+impl CallVerdict {
+    fn add(&mut self, verdict: Option<bool>) {
+        match verdict {
+            Some(false) => self.alive = true,
+            Some(true) => self.failed = true,
+            None => {}
+        }
+    }
+
+    fn failure(self) -> Option<bool> {
+        if self.alive {
+            Some(false)
+        } else {
+            self.failed.then_some(true)
+        }
+    }
 }
 
 impl ResilientClient {
     /// Builds the client.
     ///
     /// # Errors
-    /// [`ClientError::Config`] if the underlying HTTP client cannot be built.
+    /// [`ClientError::Config`] if the configuration is unusable (no URL, not `http`, a zero
+    /// threshold) or the underlying HTTP client cannot be built.
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
         validate(&config)?;
-        // hyper's pooled client rather than reqwest: the benchmark (tests/bench) showed reqwest
-        // re-parsing the URL (IDNA host processing included) and running its own layers on every
-        // request, about a third of the gateway's CPU per forwarded request. The resilience layers
-        // here need nothing more than hyper gives. It follows no redirects (a 3xx is returned as
-        // what it is, inside the deadline and breaker accounting) and ignores `HTTP_PROXY`
-        // (internal traffic goes straight to the service).
-        let mut connector = HttpConnector::new();
-        // Requests are small and latency-bound: do not let Nagle hold them back.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        let bases = config
-            .base_urls
-            .iter()
-            .map(|u| u.as_str().trim_end_matches('/').to_owned())
-            .collect();
+        // reqwest for the transport; every resilience decision (timeouts per attempt, retries,
+        // hedges, balancing, breaker) stays here, above it. URLs are built from a base `Url`
+        // parsed once per instance, so reqwest never re-parses a host (docs/decisions/0100).
+        let http = transport::build(config.connect_timeout).map_err(|e| {
+            ClientError::Config(format!(
+                "{}: cannot build the HTTP client: {e}",
+                config.name
+            ))
+        })?;
+        let instances = Instances::new(
+            config.name,
+            &config.base_urls,
+            http,
+            config.balance.clone(),
+            config.resolver.clone(),
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
-                http,
-                bases,
-                next_base: AtomicUsize::new(0),
+                instances: Arc::new(instances),
                 breaker: Arc::new(CircuitBreaker::new(config.name, config.breaker.clone())),
                 budget: RetryBudget::new(&config.retry),
                 stats: Arc::default(),
@@ -354,7 +426,8 @@ impl ResilientClient {
     ///
     /// # Errors
     /// See [`ClientError`]. After retries the last attempt's error is returned, or
-    /// [`ClientError::CircuitOpen`] if those failures opened the breaker before the next attempt.
+    /// [`ClientError::CircuitOpen`] if the breaker opened (other calls failing) before the next
+    /// attempt.
     pub async fn send(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
         let result = self.execute(&request).await;
         let outcome = outcome_of(&result);
@@ -379,74 +452,210 @@ impl ResilientClient {
             Some(deadline) => deadline.min_with(config.call_timeout),
             None => Deadline::after(config.call_timeout),
         };
+        if deadline.forwardable(config.deadline_margin).is_none() {
+            return Err(ClientError::DeadlineExceeded { dependency: name });
+        }
+        let permit =
+            inner
+                .breaker
+                .try_acquire()
+                .map_err(|retry_after| ClientError::CircuitOpen {
+                    dependency: name,
+                    retry_after,
+                })?;
+        inner.budget.deposit();
         let retryable = request.is_retryable();
+        let hedge_delay = config.hedge_delay.filter(|_| retryable);
         let headers = self.headers_for(request)?;
+        let attempt_timeout = request
+            .attempt_timeout
+            .map_or(config.attempt_timeout, |t| t.min(config.attempt_timeout));
 
-        let mut attempt = 0_u32;
+        let mut call = Call {
+            verdict: CallVerdict::default(),
+            tried: Vec::new(),
+            last_error: None,
+        };
+        let mut running = FuturesUnordered::new();
+        // The next attempt to start and when: the first at once, later a retry or a hedge.
+        let mut next: Option<(Instant, Option<Next>)> = Some((Instant::now(), None));
+        let mut attempts = 0_u32;
         loop {
-            // Checked before every attempt; a retry only starts if its sleep left time (below).
-            if deadline.forwardable(config.deadline_margin).is_none() {
-                return Err(ClientError::DeadlineExceeded { dependency: name });
+            if let Some((at, kind)) = next
+                && at <= Instant::now()
+            {
+                next = None;
+                match self.start(kind, attempts, deadline, &call.tried).await {
+                    Ok(Some(instance)) => {
+                        let started = Instant::now();
+                        call.tried.push((Arc::clone(&instance), started, false));
+                        let span = trace_context::client_attempt(
+                            config.name,
+                            &request.method,
+                            &request.path,
+                            attempts,
+                        );
+                        running.push(
+                            self.attempt(
+                                instance,
+                                started,
+                                request,
+                                &headers,
+                                deadline,
+                                attempt_timeout,
+                            )
+                            .instrument(span),
+                        );
+                        attempts += 1;
+                        if let Some(delay) = hedge_delay
+                            && attempts < config.retry.max_attempts
+                        {
+                            next = Some((Instant::now() + delay, Some(Next::Hedge)));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        if matches!(error, ClientError::Connect { .. }) {
+                            call.verdict.add(Some(true));
+                        }
+                        if running.is_empty() {
+                            return Err(call.finish(permit, error));
+                        }
+                    }
+                }
             }
-            let permit =
-                inner
-                    .breaker
-                    .try_acquire()
-                    .map_err(|retry_after| ClientError::CircuitOpen {
-                        dependency: name,
-                        retry_after,
-                    })?;
-            if attempt == 0 {
-                inner.budget.deposit();
+
+            if running.is_empty() {
+                match next {
+                    Some((at, _)) => {
+                        tokio::time::sleep_until(at).await;
+                        continue;
+                    }
+                    None => {
+                        let error = call
+                            .last_error
+                            .take()
+                            .unwrap_or(ClientError::DeadlineExceeded { dependency: name });
+                        return Err(call.finish(permit, error));
+                    }
+                }
             }
-            // We wait up to `wait`, but tell the callee it has `margin` less: its deadline then
-            // passes first, and its answer (even a 504 problem) arrives while we still listen.
-            let attempt_timeout = request
-                .attempt_timeout
-                .map_or(config.attempt_timeout, |t| t.min(config.attempt_timeout));
-            let wait = deadline.remaining().min(attempt_timeout);
-            let forwarded = wait
-                .saturating_sub(config.deadline_margin)
-                .max(Duration::from_millis(1));
-            let span = trace_context::client_attempt(name, &request.method, &request.path, attempt);
-            let result = self
-                .attempt(request, headers.clone(), wait, forwarded)
-                .instrument(span.clone())
-                .await;
-            trace_context::record_attempt(&span, &result);
-            let error = match result {
+            let done = match next {
+                Some((at, _)) => tokio::select! {
+                    done = running.next() => done,
+                    () = tokio::time::sleep_until(at) => continue,
+                },
+                None => running.next().await,
+            };
+            let Some(done) = done else { continue };
+            call.finished(&done);
+
+            let error = match done.result {
                 Ok(response) => {
+                    inner.instances.record(&done.instance, Some(false), true);
+                    // Attempts that started earlier on another instance and are still running
+                    // were outrun by a later one: for ejection, that instance failed them.
+                    for (instance, started, finished) in &call.tried {
+                        if !finished
+                            && *started < done.started
+                            && !Arc::ptr_eq(instance, &done.instance)
+                        {
+                            inner.instances.record(instance, Some(true), false);
+                        }
+                    }
                     permit.record(false);
                     return Ok(response);
                 }
                 Err(error) => error,
             };
-            match breaker_verdict(&error, wait >= attempt_timeout) {
-                Some(failed) => permit.record(failed),
-                // Dropping the permit releases a half-open probe slot and counts nothing.
-                None => drop(permit),
+            let answered = matches!(error, ClientError::Status { .. });
+            let verdict = attempt_verdict(&error, &done.instance, done.started, done.full);
+            inner.instances.record(&done.instance, verdict, answered);
+            call.verdict.add(verdict);
+            if !error.is_transient() {
+                // A definitive answer (a 4xx, a failure behind the dependency): the other
+                // attempts cannot change it.
+                return Err(call.finish(permit, error));
             }
-
-            attempt += 1;
-            let delay = match self.retry_delay(retryable, attempt, &error, deadline) {
-                Ok(delay) => delay,
-                Err(why) => {
-                    if let Some(why) = why {
-                        tracing::warn!(dependency = name, attempt, reason = %error, why, "giving up");
+            // One retry pending at a time; it replaces a hedge, since the failed attempt no
+            // longer needs company.
+            if next.is_none_or(|(_, kind)| kind == Some(Next::Hedge)) {
+                match self.retry_delay(retryable, attempts, &error, deadline) {
+                    Ok(delay) => {
+                        inner.stats.retry();
+                        tracing::warn!(
+                            dependency = name,
+                            attempt = attempts,
+                            reason = %error,
+                            delay_ms = duration_ms(delay),
+                            "retrying"
+                        );
+                        next = Some((Instant::now() + delay, Some(Next::Retry)));
                     }
-                    return Err(error);
+                    Err(why) => {
+                        if let Some(why) = why
+                            && running.is_empty()
+                        {
+                            tracing::warn!(dependency = name, attempt = attempts, reason = %error, why, "giving up");
+                        }
+                        // No retry, so no hedge either: a hedge is for a slow attempt, not a
+                        // replacement for a failed one.
+                        next = None;
+                    }
                 }
-            };
-            inner.stats.retry();
-            tracing::warn!(
-                dependency = name,
-                attempt,
-                reason = %error,
-                delay_ms = duration_ms(delay),
-                "retrying"
-            );
-            tokio::time::sleep(delay).await;
+            }
+            call.last_error = Some(error);
         }
+    }
+
+    /// Whether a retry or hedge may start now, and on which instance: `Ok(None)` when a hedge
+    /// finds no instance with a free slot or no budget, an error when the call must end.
+    async fn start(
+        &self,
+        kind: Option<Next>,
+        attempts: u32,
+        deadline: Deadline,
+        tried: &[(Arc<Instance>, Instant, bool)],
+    ) -> Result<Option<Arc<Instance>>, ClientError> {
+        let inner = &*self.inner;
+        let config = &inner.config;
+        let name = config.name;
+        if attempts >= config.retry.max_attempts {
+            return Ok(None);
+        }
+        // Never an attempt, hedges included, once the deadline leaves the callee nothing.
+        if deadline.forwardable(config.deadline_margin).is_none() {
+            return Err(ClientError::DeadlineExceeded { dependency: name });
+        }
+        if kind.is_some()
+            && let Some(retry_after) = inner.breaker.open_remaining()
+        {
+            // Other calls opened the breaker meanwhile: stop here too.
+            return Err(ClientError::CircuitOpen {
+                dependency: name,
+                retry_after,
+            });
+        }
+        let hedge = kind == Some(Next::Hedge);
+        let was_tried =
+            |instance: &Instance| tried.iter().any(|(i, _, _)| std::ptr::eq(&**i, instance));
+        let Some(instance) = inner.instances.pick(was_tried, hedge).await? else {
+            return Ok(None);
+        };
+        if hedge {
+            // Hedges draw on the retry budget, so under a real outage they stop with retries.
+            if !inner.budget.withdraw() {
+                inner.stats.budget_exhausted();
+                return Ok(None);
+            }
+            inner.stats.hedge();
+            tracing::debug!(
+                dependency = name,
+                attempt = attempts + 1,
+                "hedging a slow attempt"
+            );
+        }
+        Ok(Some(instance))
     }
 
     /// The sleep before the next attempt, or why there is none (`None`: the error is not one that
@@ -513,66 +722,51 @@ impl ResilientClient {
         Ok(headers)
     }
 
-    /// One attempt against the next instance: abandoned after `wait` (body included), while the
-    /// callee is told it has `forwarded`.
+    /// One attempt on `instance`: waits for one of its slots (within the deadline: a queue in
+    /// this process says nothing about the instance), then is abandoned after `min(attempt
+    /// timeout, time left)` (body included), while the callee is told that minus the margin.
     async fn attempt(
         &self,
+        instance: Arc<Instance>,
+        started: Instant,
         request: &ClientRequest,
-        mut headers: HeaderMap,
-        wait: Duration,
-        forwarded: Duration,
-    ) -> Result<ClientResponse, ClientError> {
-        let inner = &*self.inner;
-        let name = inner.config.name;
-        let index = inner.next_base.fetch_add(1, Ordering::Relaxed) % inner.bases.len();
-        let uri = Uri::try_from(format!("{}{}", inner.bases[index], request.path))
-            .map_err(|e| ClientError::Config(format!("{name}: {}: {e}", request.path)))?;
-        headers.insert(deadline::HEADER.clone(), Deadline::header_value(forwarded));
-        trace_context::inject_attempt(&uri, &mut headers);
-        let mut outgoing = http::Request::new(Full::new(request.body.clone().unwrap_or_default()));
-        *outgoing.method_mut() = request.method.clone();
-        *outgoing.uri_mut() = uri;
-        *outgoing.headers_mut() = headers;
-
-        let exchange = async {
-            let response = inner
-                .http
-                .request(outgoing)
-                .await
-                .map_err(|e| transport_error(name, e))?;
-            let (parts, body) = response.into_parts();
-            let (status, headers) = (parts.status, parts.headers);
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Transport {
-                    dependency: name,
-                    source: Box::new(e),
-                })?
-                .to_bytes();
-            if status.is_success() {
-                Ok(ClientResponse {
-                    status,
-                    headers,
-                    body,
-                    dependency: name,
-                })
-            } else {
-                Err(ClientError::Status {
-                    dependency: name,
-                    status,
-                    retry_after: retry::retry_after(&headers),
-                    downstream: headers
-                        .get(&crate::problem::FAILED_DEPENDENCY)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned),
-                    body,
-                })
+        headers: &HeaderMap,
+        deadline: Deadline,
+        attempt_timeout: Duration,
+    ) -> Attempt {
+        let name = self.name();
+        let margin = self.inner.config.deadline_margin;
+        let (result, full) = match tokio::time::timeout_at(deadline.instant(), instance.slot())
+            .await
+        {
+            Err(_) => (
+                Err(ClientError::DeadlineExceeded { dependency: name }),
+                false,
+            ),
+            Ok(_slot) => {
+                let wait = deadline.remaining().min(attempt_timeout);
+                let forwarded = wait.saturating_sub(margin).max(Duration::from_millis(1));
+                let mut headers = transport::attempt_headers(headers, forwarded, instance.host());
+                let url = instance.url(&request.path);
+                trace_context::inject_attempt(&url, &mut headers);
+                let outgoing =
+                    transport::request(&request.method, url, headers, request.body.as_ref());
+                let exchange = transport::exchange(name, instance.send(outgoing));
+                let result = match tokio::time::timeout(wait, exchange).await {
+                    Ok(Ok(answer)) => answer.into_result(name),
+                    Ok(Err(error)) => Err(error),
+                    Err(_) => Err(ClientError::Timeout { dependency: name }),
+                };
+                trace_context::record_attempt(&tracing::Span::current(), &result);
+                (result, wait >= attempt_timeout)
             }
         };
-        tokio::time::timeout_at(Instant::now() + wait, exchange)
-            .await
-            .unwrap_or(Err(ClientError::Timeout { dependency: name }))
+        Attempt {
+            instance,
+            started,
+            result,
+            full,
+        }
     }
 
     /// The dependency's name.
@@ -590,18 +784,19 @@ impl ResilientClient {
         self.inner.breaker.state()
     }
 
-    /// A readiness check reporting the breaker (informational).
+    /// A readiness check reporting the breaker and every instance (informational).
     ///
     /// `ok` is false unless the breaker is closed; register it with
     /// [`crate::health::Health::informational`] so an unhealthy dependency is shown in `/readyz`
-    /// without taking this service out of rotation.
+    /// without taking this service out of rotation. `instances` lists each instance's address,
+    /// state (`eligible` or `ejected`), attempts in flight, consecutive failures and totals.
     pub fn health_check(&self) -> crate::health::CheckStatus {
         let state = self.breaker_state();
         let detail = json!({
             "dependency": self.name(),
             "breaker": state.as_str(),
             "consecutiveFailures": self.inner.breaker.consecutive_failures(),
-            "instances": self.inner.bases.len(),
+            "instances": self.inner.instances.report(),
         });
         if state == BreakerState::Closed {
             crate::health::CheckStatus::ok(detail)
@@ -610,10 +805,13 @@ impl ResilientClient {
         }
     }
 
-    /// Registers this client's metrics (breaker state, attempts, retries) in `metrics`:
-    /// `http_client_breaker_state{dependency}` (0 closed, 1 half-open, 2 open),
-    /// `http_client_requests_total{dependency,outcome}`, `http_client_retries_total{dependency}`
-    /// and `http_client_budget_exhausted_total{dependency}`.
+    /// Registers this client's metrics in `metrics`: `http_client_breaker_state{dependency}`
+    /// (0 closed, 1 half-open, 2 open), `http_client_requests_total{dependency,outcome}`,
+    /// `http_client_retries_total{dependency}`, `http_client_hedges_total{dependency}`,
+    /// `http_client_budget_exhausted_total{dependency}`, and per instance
+    /// `http_client_instance_ejected{dependency,instance}` (1 while ejected),
+    /// `http_client_instance_in_flight{dependency,instance}` and
+    /// `http_client_instance_attempts_total{dependency,instance,result}`.
     pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
         metrics::register(
             metrics,
@@ -621,8 +819,39 @@ impl ResilientClient {
                 dependency: self.name(),
                 stats: Arc::clone(&self.inner.stats),
                 breaker: Arc::clone(&self.inner.breaker),
+                instances: Arc::clone(&self.inner.instances),
             },
         );
+    }
+}
+
+/// The attempts of one call so far.
+struct Call {
+    verdict: CallVerdict,
+    /// Every attempt started: its instance, when, and whether it finished.
+    tried: Vec<(Arc<Instance>, Instant, bool)>,
+    last_error: Option<ClientError>,
+}
+
+impl Call {
+    fn finished(&mut self, done: &Attempt) {
+        if let Some(entry) = self
+            .tried
+            .iter_mut()
+            .find(|(i, started, _)| *started == done.started && Arc::ptr_eq(i, &done.instance))
+        {
+            entry.2 = true;
+        }
+    }
+
+    /// Tells the breaker what the call's attempts said and hands back `error`.
+    fn finish(&self, permit: breaker::Permit<'_>, error: ClientError) -> ClientError {
+        match self.verdict.failure() {
+            Some(failed) => permit.record(failed),
+            // Dropping the permit releases a half-open probe slot and counts nothing.
+            None => drop(permit),
+        }
+        error
     }
 }
 
@@ -647,19 +876,34 @@ fn validate(config: &ClientConfig) -> Result<(), ClientError> {
     if config.breaker.failure_threshold == 0 || config.breaker.half_open_probes == 0 {
         return invalid("breaker thresholds must be at least 1");
     }
+    if config.balance.max_in_flight_per_instance == 0 || config.balance.eject_after == 0 {
+        return invalid("max_in_flight_per_instance and eject_after must be at least 1");
+    }
     Ok(())
 }
 
-/// What an attempt's error says about the dependency's health: `Some(true)` unhealthy (connect
-/// and transport errors, `5xx` but `501`, a timeout of an attempt that had its whole
-/// `attempt_timeout`), `Some(false)` alive (it answered: `4xx`, `429`, or a `5xx` naming a failure
-/// behind it), `None` nothing at all (a timeout cut short by the caller's deadline, a body we could
-/// not decode). `None` must not count as a success either: it would reset the consecutive-failure
-/// count, and a hanging dependency whose last attempt is always clipped would never trip.
-fn breaker_verdict(error: &ClientError, had_full_attempt_timeout: bool) -> Option<bool> {
+/// What an attempt's error says about its instance (and, gathered over the call, about the
+/// dependency): `Some(true)` unhealthy (connect and transport errors, `5xx` but `501`, a timeout
+/// of an attempt that had its whole `attempt_timeout`), `Some(false)` alive (it answered: `4xx`,
+/// `429`, or a `5xx` naming a failure behind it), `None` nothing at all (a timeout cut short by
+/// the caller's deadline, a wait for a slot that the deadline ended, a body we could not decode).
+/// `None` must not count as a success either: it would reset the consecutive-failure count, and
+/// a hanging dependency whose last attempt is always clipped would never trip.
+///
+/// A connect error (refused or timed out) on an instance that answered another attempt while this
+/// one was connecting is `None` too: the instance is up and serving connections it already has,
+/// so the failed connect is this caller's own burst overflowing its accept queue, not an outage.
+/// A dead instance answers nothing, and its connect errors count.
+fn attempt_verdict(
+    error: &ClientError,
+    instance: &Instance,
+    started: Instant,
+    had_full_attempt_timeout: bool,
+) -> Option<bool> {
     match error {
         ClientError::Timeout { .. } => had_full_attempt_timeout.then_some(true),
-        ClientError::Connect { .. } | ClientError::Transport { .. } => Some(true),
+        ClientError::Connect { .. } => (!instance.answered_since(started)).then_some(true),
+        ClientError::Transport { .. } => Some(true),
         ClientError::Status {
             downstream: Some(_),
             ..
@@ -671,25 +915,6 @@ fn breaker_verdict(error: &ClientError, had_full_attempt_timeout: bool) -> Optio
         | ClientError::CircuitOpen { .. }
         | ClientError::Decode { .. }
         | ClientError::Config(_) => None,
-    }
-}
-
-/// A refused, unreachable or timed-out connect (the connector's `connect_timeout`) is a
-/// [`ClientError::Connect`]; anything after the connection stood is a [`ClientError::Transport`].
-fn transport_error(
-    dependency: &'static str,
-    source: hyper_util::client::legacy::Error,
-) -> ClientError {
-    if source.is_connect() {
-        ClientError::Connect {
-            dependency,
-            source: Box::new(source),
-        }
-    } else {
-        ClientError::Transport {
-            dependency,
-            source: Box::new(source),
-        }
     }
 }
 
@@ -817,6 +1042,48 @@ mod tests {
         assert!(put.is_retryable());
         let get = ClientRequest::get("/stock/BK-12");
         assert!(get.body.is_none() && get.is_retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_error_counts_only_when_the_instance_answered_nothing_meanwhile() {
+        let http = transport::build(Duration::from_millis(250)).expect("client");
+        let instances = Arc::new(
+            Instances::new(
+                "order",
+                &urls("http://127.0.0.1:4001"),
+                http,
+                BalanceConfig::default(),
+                Resolver::default(),
+            )
+            .expect("instances"),
+        );
+        let instance = instances
+            .pick(|_| false, false)
+            .await
+            .expect("ok")
+            .expect("one");
+        let connect = || ClientError::Connect {
+            dependency: "order",
+            source: "connect timed out".into(),
+        };
+
+        // Silent since the attempt began: a dead instance, its connect error counts.
+        let started = Instant::now();
+        assert_eq!(
+            attempt_verdict(&connect(), &instance, started, true),
+            Some(true)
+        );
+
+        // It answered another attempt while this one was connecting: it is up, and the failed
+        // connect is this caller's own burst overflowing its accept queue.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        instances.record(&instance, Some(false), true);
+        assert_eq!(attempt_verdict(&connect(), &instance, started, true), None);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(
+            attempt_verdict(&connect(), &instance, Instant::now(), true),
+            Some(true)
+        );
     }
 
     #[test]

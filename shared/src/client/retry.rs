@@ -27,7 +27,7 @@ pub struct RetryConfig {
 }
 
 impl Default for RetryConfig {
-    /// 3 attempts, backoff 50 ms doubling up to 1 s with full jitter, budget 20 % + 5/s.
+    /// 3 attempts, backoff 50 ms doubling up to 1 s with full jitter, budget 50 % + 5/s.
     ///
     /// - **3 attempts**: the first retry rides out a blip (a restarting instance, a reset pooled
     ///   connection), the second goes to yet another instance when there are several; beyond that
@@ -35,9 +35,12 @@ impl Default for RetryConfig {
     /// - **50 ms base**: about ten in-cluster round trips, enough for a connection refused by an
     ///   instance that is restarting to be retried elsewhere without the caller noticing.
     /// - **1 s cap**: keeps any single sleep well inside a 5 s edge budget.
-    /// - **20 % budget**: at most one retry per five requests in the last 10 s, so a failing
-    ///   dependency sees at most 1.2× its normal load from us instead of `max_attempts`× (the
-    ///   classic retry storm). Finagle and tower use the same ratio.
+    /// - **50 % budget**: at most one retry (or hedge) per two requests in the last 10 s, so a
+    ///   failing dependency sees at most 1.5× its normal load from us instead of `max_attempts`×
+    ///   (the classic retry storm). Finagle and tower use 20 %, which caps the load at 1.2× but
+    ///   cannot mask a dependency failing 30 % of attempts: every call through then needs
+    ///   0.3 + 0.09 = 0.39 retries, so a fifth of them fail for want of a token, and a
+    ///   partial failure shows through to users (docs/decisions/0101).
     /// - **5 retries/s floor**: a lightly used client (the demo) has too few requests to earn
     ///   retries from the ratio alone; 5/s keeps retrying useful there and is harmless at scale.
     fn default() -> Self {
@@ -45,7 +48,7 @@ impl Default for RetryConfig {
             max_attempts: 3,
             base_delay: Duration::from_millis(50),
             max_delay: Duration::from_secs(1),
-            budget_ratio: 0.2,
+            budget_ratio: 0.5,
             budget_min_per_sec: 5,
         }
     }

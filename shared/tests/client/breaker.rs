@@ -215,7 +215,8 @@ async fn full_attempt_timeouts_inside_a_longer_request_deadline_open_the_breaker
     let upstream = MockServer::start().await;
     healthy(&upstream, Duration::from_secs(5)).await;
     let mut config = config(&[&upstream]);
-    config.breaker.failure_threshold = 2;
+    // One call whose every attempt timed out is one failed call.
+    config.breaker.failure_threshold = 1;
     config.attempt_timeout = Duration::from_millis(200);
     let client = client(config);
 
@@ -234,12 +235,13 @@ async fn an_attempt_clipped_by_the_deadline_does_not_reset_the_failure_count() {
     let upstream = MockServer::start().await;
     healthy(&upstream, Duration::from_secs(5)).await;
     let mut config = config(&[&upstream]);
-    config.breaker.failure_threshold = 3;
+    config.breaker.failure_threshold = 2;
     config.attempt_timeout = Duration::from_millis(200);
     let client = client(config);
 
     // Each call: two full 200 ms attempts (failures), then one clipped by the 500 ms deadline
-    // (no information). Two calls make four consecutive failures, past the threshold of three.
+    // (no information, and no success either). Each call therefore failed, and two failed calls
+    // reach the threshold.
     for _ in 0..2 {
         let result = shared::deadline::scope(
             shared::deadline::Deadline::after(Duration::from_millis(500)),
@@ -250,4 +252,91 @@ async fn an_attempt_clipped_by_the_deadline_does_not_reset_the_failure_count() {
     }
 
     assert_eq!(client.breaker_state(), BreakerState::Open);
+}
+
+/// Answers `503` to a pseudo-random `share` of requests (seeded, so every run is the same).
+struct FailingShare {
+    share: f64,
+    rng: std::sync::Mutex<rand::rngs::StdRng>,
+}
+
+impl wiremock::Respond for FailingShare {
+    fn respond(&self, _request: &wiremock::Request) -> ResponseTemplate {
+        use rand::Rng;
+        let roll: f64 = self.rng.lock().expect("lock").random();
+        ResponseTemplate::new(if roll < self.share { 503 } else { 200 })
+    }
+}
+
+async fn failing_share(share: f64) -> MockServer {
+    use rand::SeedableRng;
+    let upstream = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(FailingShare {
+            share,
+            rng: std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(14)),
+        })
+        .mount(&upstream)
+        .await;
+    upstream
+}
+
+/// The defaults a service runs with (5 failed calls, 3 attempts, the default budget), with
+/// backoff shortened so 1,000 calls take a moment.
+fn default_client(upstream: &MockServer) -> ResilientClient {
+    let mut config =
+        shared::client::ClientConfig::new("inventory", vec![crate::helpers::url(upstream)]);
+    config.retry.base_delay = Duration::from_millis(1);
+    config.retry.max_delay = Duration::from_millis(2);
+    config.hedge_delay = None;
+    client(config)
+}
+
+#[tokio::test]
+async fn a_dependency_failing_thirty_percent_of_attempts_does_not_open_the_breaker_in_1000_calls() {
+    let upstream = failing_share(0.3).await;
+    let client = default_client(&upstream);
+
+    let mut failed = 0;
+    for _ in 0..1000 {
+        match client.send(ClientRequest::get("/stock/BK-12")).await {
+            Ok(_) => {}
+            Err(ClientError::CircuitOpen { .. }) => panic!("the breaker opened"),
+            Err(_) => failed += 1,
+        }
+    }
+
+    assert_eq!(client.breaker_state(), BreakerState::Closed);
+    // A call fails only when its three attempts all did: about 0.3³ = 2.7 % of them.
+    assert!(failed < 60, "{failed} calls failed");
+    let attempts = received(&upstream).await.len();
+    // Retries cost about 0.3 + 0.09 extra attempts per call.
+    assert!(attempts < 1500, "{attempts} attempts");
+}
+
+#[tokio::test]
+async fn a_dependency_failing_every_attempt_opens_the_breaker_on_the_fifth_call() {
+    let upstream = failing_share(1.0).await;
+    let client = default_client(&upstream);
+
+    for call in 1..=5 {
+        assert_eq!(
+            client.breaker_state(),
+            BreakerState::Closed,
+            "before call {call}"
+        );
+        let error = client
+            .send(ClientRequest::get("/stock/BK-12"))
+            .await
+            .expect_err("503");
+        assert_eq!(error.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    }
+
+    assert_eq!(client.breaker_state(), BreakerState::Open);
+    let sixth = client.send(ClientRequest::get("/stock/BK-12")).await;
+    assert!(
+        matches!(sixth, Err(ClientError::CircuitOpen { .. })),
+        "{sixth:?}"
+    );
+    assert_eq!(received(&upstream).await.len(), 5 * 3);
 }
