@@ -270,6 +270,10 @@ pub(super) struct Instances {
     current: RwLock<Arc<[Arc<Instance>]>>,
     /// When the names were last resolved (`None`: never, or there are no names).
     resolved_at: Mutex<Option<Instant>>,
+    /// Held while resolving, so resolutions never overlap: calls that find the names due at the
+    /// same moment (a cold burst) share one lookup and one set of instances, each instance with
+    /// its one bound on attempts in flight.
+    resolving: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
 }
 
@@ -307,6 +311,7 @@ impl Instances {
             targets,
             current: RwLock::new(initial.into()),
             resolved_at: Mutex::new(None),
+            resolving: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
         })
     }
@@ -435,13 +440,13 @@ impl Instances {
         match resolved_at {
             // Never resolved, or nothing found yet (a dependency that is still starting): ask now
             // rather than failing every call until the next interval.
-            None => self.resolve().await,
-            Some(_) if self.snapshot().is_empty() => self.resolve().await,
+            None => self.resolve(resolved_at).await,
+            Some(_) if self.snapshot().is_empty() => self.resolve(resolved_at).await,
             Some(at) if at.elapsed() >= self.config.resolve_every => {
                 if !self.refreshing.swap(true, Ordering::AcqRel) {
                     let me = Arc::clone(self);
                     tokio::spawn(async move {
-                        me.resolve().await;
+                        me.resolve(resolved_at).await;
                         me.refreshing.store(false, Ordering::Release);
                     });
                 }
@@ -450,7 +455,13 @@ impl Instances {
         }
     }
 
-    async fn resolve(&self) {
+    /// Resolves the names, unless another resolution finished while this one waited for its turn
+    /// (`seen` is the resolution the caller found due): its result is as fresh as this one's.
+    async fn resolve(&self, seen: Option<Instant>) {
+        let _turn = self.resolving.lock().await;
+        if *lock(&self.resolved_at) != seen {
+            return;
+        }
         let old = self.snapshot();
         let mut next: Vec<Arc<Instance>> = Vec::with_capacity(old.len());
         for target in &self.targets {

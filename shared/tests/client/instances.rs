@@ -237,3 +237,22 @@ async fn a_name_that_resolves_to_nothing_yet_fails_the_call_and_is_asked_again_o
     calls(&client, 1).await;
     assert_eq!(instance.requests(), 1);
 }
+
+#[tokio::test]
+async fn calls_that_find_the_name_unresolved_at_once_share_one_lookup_and_one_bound_per_instance() {
+    let addr = instance_addresses(1)[0];
+    let instance = TestInstance::start(addr, Behaviour::Slow(Duration::from_millis(50))).await;
+    let resolver = TestResolver::default();
+    resolver.set(&[addr]);
+    let mut config = named_config(&resolver, addr.port());
+    config.balance.max_in_flight_per_instance = 2;
+    let client = client(config);
+
+    // A cold burst: eight first calls while the name has never been resolved.
+    concurrent_calls(&client, 8, 1).await;
+
+    assert_eq!(resolver.lookups(), 1);
+    assert_eq!(instance.max_in_flight(), 2);
+    let check = client.health_check();
+    assert_eq!(check.detail["instances"].as_array().expect("list").len(), 1);
+}
