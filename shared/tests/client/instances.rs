@@ -256,3 +256,51 @@ async fn calls_that_find_the_name_unresolved_at_once_share_one_lookup_and_one_bo
     let check = client.health_check();
     assert_eq!(check.detail["instances"].as_array().expect("list").len(), 1);
 }
+
+#[tokio::test]
+async fn an_attempt_still_waiting_for_a_slot_when_a_hedge_wins_does_not_count_against_its_instance()
+{
+    let addrs = instance_addresses(2);
+    let busy = TestInstance::start(addrs[0], Behaviour::Healthy).await;
+    let other = TestInstance::start(addrs[1], Behaviour::Slow(Duration::from_millis(300))).await;
+    let mut config = crate::helpers::config(&[]);
+    config.base_urls = addrs
+        .iter()
+        .map(|a| format!("http://{a}").parse().expect("url"))
+        .collect();
+    config.balance.max_in_flight_per_instance = 1;
+    config.hedge_delay = Some(Duration::from_millis(50));
+    let client = client(config);
+    // One caller at a time: the balancer learns that `busy` answers at once and `other` slowly.
+    calls(&client, 3).await;
+    assert_eq!(failures_of(&client, &busy), 0);
+
+    // A plain POST (never hedged) takes `busy`'s only slot and hangs there.
+    busy.behave(Behaviour::Hanging);
+    other.behave(Behaviour::Healthy);
+    let holder = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let hanging = ClientRequest::post_json("/reserve", &serde_json::json!({}))
+                .attempt_timeout(Duration::from_secs(2));
+            client.send(hanging).await
+        }
+    });
+    let requests = busy.requests();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while busy.requests() == requests {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the POST reaches busy");
+
+    // The next call's first attempt goes to the faster `busy` and waits there for the slot; its
+    // hedge on `other` answers. The waiting attempt was never sent: `busy` failed nothing.
+    let answered_by_other = other.requests();
+    calls(&client, 1).await;
+    assert_eq!(other.requests(), answered_by_other + 1);
+    assert_eq!(busy.requests(), requests + 1, "only the POST reached busy");
+    assert_eq!(failures_of(&client, &busy), 0);
+    holder.abort();
+}
