@@ -743,6 +743,12 @@ impl ResilientClient {
                     Err(ClientError::DeadlineExceeded { dependency: name }),
                     false,
                 ),
+                // The wait for the slot may have used up all but the margin: then, as before any
+                // attempt, nothing is sent.
+                Ok(_) if deadline.forwardable(margin).is_none() => (
+                    Err(ClientError::DeadlineExceeded { dependency: name }),
+                    false,
+                ),
                 Ok(_slot) => {
                     sent.store(true, Ordering::Relaxed);
                     let wait = deadline.remaining().min(attempt_timeout);
