@@ -275,6 +275,9 @@ pub(super) struct Instances {
     /// its one bound on attempts in flight.
     resolving: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
+    /// Held while an ejection is decided, so instances that fail at the same moment on several
+    /// threads cannot each see room under the cap and all go out.
+    ejecting: Mutex<()>,
 }
 
 impl Instances {
@@ -313,6 +316,7 @@ impl Instances {
             resolved_at: Mutex::new(None),
             resolving: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
+            ejecting: Mutex::new(()),
         })
     }
 
@@ -401,6 +405,11 @@ impl Instances {
     }
 
     fn eject(&self, instance: &Instance, now: Instant) {
+        let _deciding = lock(&self.ejecting);
+        if instance.is_ejected(now) {
+            // Another failure of the same instance ejected it meanwhile.
+            return;
+        }
         let set = self.snapshot();
         let cap = set.len() * self.config.max_ejected_percent as usize / 100;
         let out = set
@@ -641,4 +650,51 @@ fn nanos(d: Duration) -> f64 {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The critical sections cannot panic half-way, so a poisoned lock still holds valid state.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_failing_at_the_same_moment_are_never_ejected_past_the_cap() {
+        let urls: Vec<Url> = ["http://127.0.0.2:4002", "http://127.0.0.3:4002"]
+            .iter()
+            .map(|u| Url::parse(u).expect("url"))
+            .collect();
+        let http = reqwest::Client::new();
+        let config = BalanceConfig::default();
+        for _ in 0..2000 {
+            let instances = Instances::new(
+                "inventory",
+                &urls,
+                http.clone(),
+                config.clone(),
+                Resolver::default(),
+            )
+            .expect("instances");
+            let set = instances.snapshot();
+            for instance in set.iter() {
+                for _ in 1..config.eject_after {
+                    instances.record(instance, Some(true), false);
+                }
+            }
+            // Both reach their last failure at once, on two threads.
+            let barrier = std::sync::Barrier::new(set.len());
+            std::thread::scope(|scope| {
+                for instance in set.iter() {
+                    let (instances, barrier) = (&instances, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        instances.record(instance, Some(true), false);
+                    });
+                }
+            });
+
+            // Half of two is one.
+            let now = Instant::now();
+            let out = set.iter().filter(|i| i.is_ejected(now)).count();
+            assert_eq!(out, 1);
+        }
+    }
 }
