@@ -449,8 +449,8 @@ impl Instances {
         match resolved_at {
             // Never resolved, or nothing found yet (a dependency that is still starting): ask now
             // rather than failing every call until the next interval.
-            None => self.resolve(resolved_at).await,
-            Some(_) if self.snapshot().is_empty() => self.resolve(resolved_at).await,
+            None => self.resolve_in_task(resolved_at).await,
+            Some(_) if self.snapshot().is_empty() => self.resolve_in_task(resolved_at).await,
             Some(at) if at.elapsed() >= self.config.resolve_every => {
                 if !self.refreshing.swap(true, Ordering::AcqRel) {
                     let me = Arc::clone(self);
@@ -462,6 +462,16 @@ impl Instances {
             }
             Some(_) => {}
         }
+    }
+
+    /// Resolves the names in a task of its own and waits for it: a call whose deadline ends first
+    /// abandons the wait, not the lookup, so calls with short deadlines still get the names
+    /// resolved for the calls after them.
+    async fn resolve_in_task(self: &Arc<Self>, seen: Option<Instant>) {
+        let me = Arc::clone(self);
+        // A task that failed (it panicked, or the runtime is shutting down) resolved nothing: the
+        // call then finds no instance, and the next call asks again.
+        let _ = tokio::spawn(async move { me.resolve(seen).await }).await;
     }
 
     /// Resolves the names, unless another resolution finished while this one waited for its turn

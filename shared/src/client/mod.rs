@@ -634,7 +634,13 @@ impl ResilientClient {
         let hedge = kind == Some(Next::Hedge);
         let was_tried =
             |instance: &Instance| tried.iter().any(|t| std::ptr::eq(&*t.instance, instance));
-        let Some(instance) = inner.instances.pick(was_tried, hedge).await? else {
+        // Picking may wait for the name to be resolved (up to the resolver's own limit): the
+        // call's deadline bounds that wait too.
+        let picked =
+            tokio::time::timeout_at(deadline.instant(), inner.instances.pick(was_tried, hedge))
+                .await
+                .map_err(|_| ClientError::DeadlineExceeded { dependency: name })?;
+        let Some(instance) = picked? else {
             return Ok(None);
         };
         if hedge {

@@ -304,3 +304,36 @@ async fn an_attempt_still_waiting_for_a_slot_when_a_hedge_wins_does_not_count_ag
     assert_eq!(failures_of(&client, &busy), 0);
     holder.abort();
 }
+
+/// A resolver that never answers, as when the cluster's DNS is down.
+struct SilentResolver;
+
+impl shared::client::Resolve for SilentResolver {
+    fn resolve(&self, _name: shared::client::Name) -> shared::client::Resolving {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_for_a_name_that_does_not_resolve_ends_at_its_deadline() {
+    let mut config = named_config(&TestResolver::default(), 4002);
+    config.resolver = shared::client::Resolver(std::sync::Arc::new(SilentResolver));
+    let client = client(config);
+
+    let started = tokio::time::Instant::now();
+    let result = shared::deadline::scope(
+        shared::deadline::Deadline::after(Duration::from_millis(300)),
+        client.send(ClientRequest::get("/stock/BK-12")),
+    )
+    .await;
+
+    assert!(
+        matches!(
+            result,
+            Err(shared::client::ClientError::DeadlineExceeded { .. })
+        ),
+        "{result:?}"
+    );
+    // Not the resolver's own 2 s limit.
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+}
