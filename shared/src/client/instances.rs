@@ -270,7 +270,14 @@ pub(super) struct Instances {
     current: RwLock<Arc<[Arc<Instance>]>>,
     /// When the names were last resolved (`None`: never, or there are no names).
     resolved_at: Mutex<Option<Instant>>,
+    /// Held while resolving, so resolutions never overlap: calls that find the names due at the
+    /// same moment (a cold burst) share one lookup and one set of instances, each instance with
+    /// its one bound on attempts in flight.
+    resolving: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
+    /// Held while an ejection is decided, so instances that fail at the same moment on several
+    /// threads cannot each see room under the cap and all go out.
+    ejecting: Mutex<()>,
 }
 
 impl Instances {
@@ -307,7 +314,9 @@ impl Instances {
             targets,
             current: RwLock::new(initial.into()),
             resolved_at: Mutex::new(None),
+            resolving: tokio::sync::Mutex::new(()),
             refreshing: AtomicBool::new(false),
+            ejecting: Mutex::new(()),
         })
     }
 
@@ -396,6 +405,11 @@ impl Instances {
     }
 
     fn eject(&self, instance: &Instance, now: Instant) {
+        let _deciding = lock(&self.ejecting);
+        if instance.is_ejected(now) {
+            // Another failure of the same instance ejected it meanwhile.
+            return;
+        }
         let set = self.snapshot();
         let cap = set.len() * self.config.max_ejected_percent as usize / 100;
         let out = set
@@ -435,13 +449,13 @@ impl Instances {
         match resolved_at {
             // Never resolved, or nothing found yet (a dependency that is still starting): ask now
             // rather than failing every call until the next interval.
-            None => self.resolve().await,
-            Some(_) if self.snapshot().is_empty() => self.resolve().await,
+            None => self.resolve_in_task(resolved_at).await,
+            Some(_) if self.snapshot().is_empty() => self.resolve_in_task(resolved_at).await,
             Some(at) if at.elapsed() >= self.config.resolve_every => {
                 if !self.refreshing.swap(true, Ordering::AcqRel) {
                     let me = Arc::clone(self);
                     tokio::spawn(async move {
-                        me.resolve().await;
+                        me.resolve(resolved_at).await;
                         me.refreshing.store(false, Ordering::Release);
                     });
                 }
@@ -450,7 +464,23 @@ impl Instances {
         }
     }
 
-    async fn resolve(&self) {
+    /// Resolves the names in a task of its own and waits for it: a call whose deadline ends first
+    /// abandons the wait, not the lookup, so calls with short deadlines still get the names
+    /// resolved for the calls after them.
+    async fn resolve_in_task(self: &Arc<Self>, seen: Option<Instant>) {
+        let me = Arc::clone(self);
+        // A task that failed (it panicked, or the runtime is shutting down) resolved nothing: the
+        // call then finds no instance, and the next call asks again.
+        let _ = tokio::spawn(async move { me.resolve(seen).await }).await;
+    }
+
+    /// Resolves the names, unless another resolution finished while this one waited for its turn
+    /// (`seen` is the resolution the caller found due): its result is as fresh as this one's.
+    async fn resolve(&self, seen: Option<Instant>) {
+        let _turn = self.resolving.lock().await;
+        if *lock(&self.resolved_at) != seen {
+            return;
+        }
         let old = self.snapshot();
         let mut next: Vec<Arc<Instance>> = Vec::with_capacity(old.len());
         for target in &self.targets {
@@ -630,4 +660,51 @@ fn nanos(d: Duration) -> f64 {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The critical sections cannot panic half-way, so a poisoned lock still holds valid state.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_failing_at_the_same_moment_are_never_ejected_past_the_cap() {
+        let urls: Vec<Url> = ["http://127.0.0.2:4002", "http://127.0.0.3:4002"]
+            .iter()
+            .map(|u| Url::parse(u).expect("url"))
+            .collect();
+        let http = reqwest::Client::new();
+        let config = BalanceConfig::default();
+        for _ in 0..2000 {
+            let instances = Instances::new(
+                "inventory",
+                &urls,
+                http.clone(),
+                config.clone(),
+                Resolver::default(),
+            )
+            .expect("instances");
+            let set = instances.snapshot();
+            for instance in set.iter() {
+                for _ in 1..config.eject_after {
+                    instances.record(instance, Some(true), false);
+                }
+            }
+            // Both reach their last failure at once, on two threads.
+            let barrier = std::sync::Barrier::new(set.len());
+            std::thread::scope(|scope| {
+                for instance in set.iter() {
+                    let (instances, barrier) = (&instances, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        instances.record(instance, Some(true), false);
+                    });
+                }
+            });
+
+            // Half of two is one.
+            let now = Instant::now();
+            let out = set.iter().filter(|i| i.is_ejected(now)).count();
+            assert_eq!(out, 1);
+        }
+    }
 }

@@ -50,6 +50,7 @@ pub use instances::{Addrs, BalanceConfig, Name, Resolve, Resolver, Resolving, Sy
 pub use retry::RetryConfig;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -487,8 +488,13 @@ impl ResilientClient {
                 next = None;
                 match self.start(kind, attempts, deadline, &call.tried).await {
                     Ok(Some(instance)) => {
-                        let started = Instant::now();
-                        call.tried.push((Arc::clone(&instance), started, false));
+                        let tried = Tried {
+                            instance,
+                            started: Instant::now(),
+                            finished: false,
+                            sent: Arc::default(),
+                        };
+                        call.tried.push(tried.clone());
                         let span = trace_context::client_attempt(
                             config.name,
                             &request.method,
@@ -496,15 +502,8 @@ impl ResilientClient {
                             attempts,
                         );
                         running.push(
-                            self.attempt(
-                                instance,
-                                started,
-                                request,
-                                &headers,
-                                deadline,
-                                attempt_timeout,
-                            )
-                            .instrument(span),
+                            self.attempt(tried, request, &headers, deadline, attempt_timeout)
+                                .instrument(span),
                         );
                         attempts += 1;
                         if let Some(delay) = hedge_delay
@@ -554,13 +553,16 @@ impl ResilientClient {
                 Ok(response) => {
                     inner.instances.record(&done.instance, Some(false), true);
                     // Attempts that started earlier on another instance and are still running
-                    // were outrun by a later one: for ejection, that instance failed them.
-                    for (instance, started, finished) in &call.tried {
-                        if !finished
-                            && *started < done.started
-                            && !Arc::ptr_eq(instance, &done.instance)
+                    // were outrun by a later one: for ejection, that instance failed them. One
+                    // still waiting for a slot was never sent, and a queue in this process says
+                    // nothing about the instance.
+                    for tried in &call.tried {
+                        if !tried.finished
+                            && tried.sent.load(Ordering::Relaxed)
+                            && tried.started < done.started
+                            && !Arc::ptr_eq(&tried.instance, &done.instance)
                         {
-                            inner.instances.record(instance, Some(true), false);
+                            inner.instances.record(&tried.instance, Some(true), false);
                         }
                     }
                     permit.record(false);
@@ -615,7 +617,7 @@ impl ResilientClient {
         kind: Option<Next>,
         attempts: u32,
         deadline: Deadline,
-        tried: &[(Arc<Instance>, Instant, bool)],
+        tried: &[Tried],
     ) -> Result<Option<Arc<Instance>>, ClientError> {
         let inner = &*self.inner;
         let config = &inner.config;
@@ -638,8 +640,14 @@ impl ResilientClient {
         }
         let hedge = kind == Some(Next::Hedge);
         let was_tried =
-            |instance: &Instance| tried.iter().any(|(i, _, _)| std::ptr::eq(&**i, instance));
-        let Some(instance) = inner.instances.pick(was_tried, hedge).await? else {
+            |instance: &Instance| tried.iter().any(|t| std::ptr::eq(&*t.instance, instance));
+        // Picking may wait for the name to be resolved (up to the resolver's own limit): the
+        // call's deadline bounds that wait too.
+        let picked =
+            tokio::time::timeout_at(deadline.instant(), inner.instances.pick(was_tried, hedge))
+                .await
+                .map_err(|_| ClientError::DeadlineExceeded { dependency: name })?;
+        let Some(instance) = picked? else {
             return Ok(None);
         };
         if hedge {
@@ -722,18 +730,24 @@ impl ResilientClient {
         Ok(headers)
     }
 
-    /// One attempt on `instance`: waits for one of its slots (within the deadline: a queue in
-    /// this process says nothing about the instance), then is abandoned after `min(attempt
-    /// timeout, time left)` (body included), while the callee is told that minus the margin.
+    /// The attempt `tried` on its instance: waits for one of its slots (within the deadline: a
+    /// queue in this process says nothing about the instance), sets `sent` once it has one, then
+    /// is abandoned after `min(attempt timeout, time left)` (body included), while the callee is
+    /// told that minus the margin.
     async fn attempt(
         &self,
-        instance: Arc<Instance>,
-        started: Instant,
+        tried: Tried,
         request: &ClientRequest,
         headers: &HeaderMap,
         deadline: Deadline,
         attempt_timeout: Duration,
     ) -> Attempt {
+        let Tried {
+            instance,
+            started,
+            sent,
+            ..
+        } = tried;
         let name = self.name();
         let margin = self.inner.config.deadline_margin;
         let (result, full) = match tokio::time::timeout_at(deadline.instant(), instance.slot())
@@ -743,7 +757,14 @@ impl ResilientClient {
                 Err(ClientError::DeadlineExceeded { dependency: name }),
                 false,
             ),
+            // The wait for the slot may have used up all but the margin: then, as before any
+            // attempt, nothing is sent.
+            Ok(_) if deadline.forwardable(margin).is_none() => (
+                Err(ClientError::DeadlineExceeded { dependency: name }),
+                false,
+            ),
             Ok(_slot) => {
+                sent.store(true, Ordering::Relaxed);
                 let wait = deadline.remaining().min(attempt_timeout);
                 let forwarded = wait.saturating_sub(margin).max(Duration::from_millis(1));
                 let mut headers = transport::attempt_headers(headers, forwarded, instance.host());
@@ -828,9 +849,19 @@ impl ResilientClient {
 /// The attempts of one call so far.
 struct Call {
     verdict: CallVerdict,
-    /// Every attempt started: its instance, when, and whether it finished.
-    tried: Vec<(Arc<Instance>, Instant, bool)>,
+    /// Every attempt started.
+    tried: Vec<Tried>,
     last_error: Option<ClientError>,
+}
+
+/// One attempt a call started.
+#[derive(Clone)]
+struct Tried {
+    instance: Arc<Instance>,
+    started: Instant,
+    finished: bool,
+    /// Set once the attempt has its instance's slot and goes out; until then it only waits here.
+    sent: Arc<AtomicBool>,
 }
 
 impl Call {
@@ -838,9 +869,9 @@ impl Call {
         if let Some(entry) = self
             .tried
             .iter_mut()
-            .find(|(i, started, _)| *started == done.started && Arc::ptr_eq(i, &done.instance))
+            .find(|t| t.started == done.started && Arc::ptr_eq(&t.instance, &done.instance))
         {
-            entry.2 = true;
+            entry.finished = true;
         }
     }
 

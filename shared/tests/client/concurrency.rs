@@ -70,3 +70,45 @@ async fn a_call_that_waits_past_its_deadline_for_a_slot_does_not_count_against_t
     }
     assert_eq!(client.breaker_state(), BreakerState::Closed);
 }
+
+#[tokio::test]
+async fn an_attempt_whose_slot_frees_with_less_than_the_margin_left_is_not_sent() {
+    let addr = instance_addresses(1)[0];
+    let instance = TestInstance::start(addr, Behaviour::Hanging).await;
+    let mut config = config(&[]);
+    config.base_urls = vec![format!("http://{addr}").parse().expect("url")];
+    config.balance.max_in_flight_per_instance = 1;
+    // A wide margin, so that what is left when the slot frees (about 100 ms) is well below it
+    // however slowly this machine runs the test.
+    config.deadline_margin = Duration::from_millis(400);
+    let client = client(config);
+
+    // A plain POST (never retried) holds the only slot for its 500 ms attempt.
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let hanging = ClientRequest::post_json("/reserve", &serde_json::json!({}))
+                .attempt_timeout(Duration::from_millis(500));
+            client.send(hanging).await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while instance.requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first call reaches the instance");
+    let second = shared::deadline::scope(
+        shared::deadline::Deadline::after(Duration::from_millis(600)),
+        client.send(ClientRequest::get("/stock/BK-12")),
+    )
+    .await;
+
+    assert!(
+        matches!(second, Err(ClientError::DeadlineExceeded { .. })),
+        "{second:?}"
+    );
+    assert_eq!(instance.requests(), 1);
+    assert!(first.await.expect("task").is_err());
+}

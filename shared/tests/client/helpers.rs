@@ -199,21 +199,36 @@ pub fn instance_addresses(count: u8) -> Vec<std::net::SocketAddr> {
         .collect()
 }
 
-/// A resolver the test controls: the name resolves to whatever addresses were set last.
+/// A resolver the test controls: the name resolves to whatever addresses were set last. Like a
+/// real resolver it answers asynchronously (after yielding once), so calls that resolve at the
+/// same time overlap; it counts the lookups it was asked for.
 #[derive(Debug, Clone, Default)]
-pub struct TestResolver(std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>);
+pub struct TestResolver {
+    addrs: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    lookups: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
 
 impl TestResolver {
     /// From now on the name resolves to `addrs`.
     pub fn set(&self, addrs: &[std::net::SocketAddr]) {
-        *self.0.lock().expect("lock") = addrs.to_vec();
+        *self.addrs.lock().expect("lock") = addrs.to_vec();
+    }
+
+    /// Lookups asked for so far.
+    pub fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
 impl shared::client::Resolve for TestResolver {
     fn resolve(&self, _name: shared::client::Name) -> shared::client::Resolving {
-        let addrs = self.0.lock().expect("lock").clone();
-        Box::pin(async move { Ok(Box::new(addrs.into_iter()) as shared::client::Addrs) })
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let addrs = self.addrs.lock().expect("lock").clone();
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            Ok(Box::new(addrs.into_iter()) as shared::client::Addrs)
+        })
     }
 }
 

@@ -237,3 +237,103 @@ async fn a_name_that_resolves_to_nothing_yet_fails_the_call_and_is_asked_again_o
     calls(&client, 1).await;
     assert_eq!(instance.requests(), 1);
 }
+
+#[tokio::test]
+async fn calls_that_find_the_name_unresolved_at_once_share_one_lookup_and_one_bound_per_instance() {
+    let addr = instance_addresses(1)[0];
+    let instance = TestInstance::start(addr, Behaviour::Slow(Duration::from_millis(50))).await;
+    let resolver = TestResolver::default();
+    resolver.set(&[addr]);
+    let mut config = named_config(&resolver, addr.port());
+    config.balance.max_in_flight_per_instance = 2;
+    let client = client(config);
+
+    // A cold burst: eight first calls while the name has never been resolved.
+    concurrent_calls(&client, 8, 1).await;
+
+    assert_eq!(resolver.lookups(), 1);
+    assert_eq!(instance.max_in_flight(), 2);
+    let check = client.health_check();
+    assert_eq!(check.detail["instances"].as_array().expect("list").len(), 1);
+}
+
+#[tokio::test]
+async fn an_attempt_still_waiting_for_a_slot_when_a_hedge_wins_does_not_count_against_its_instance()
+{
+    let addrs = instance_addresses(2);
+    let busy = TestInstance::start(addrs[0], Behaviour::Healthy).await;
+    let other = TestInstance::start(addrs[1], Behaviour::Slow(Duration::from_millis(300))).await;
+    let mut config = crate::helpers::config(&[]);
+    config.base_urls = addrs
+        .iter()
+        .map(|a| format!("http://{a}").parse().expect("url"))
+        .collect();
+    config.balance.max_in_flight_per_instance = 1;
+    config.hedge_delay = Some(Duration::from_millis(50));
+    let client = client(config);
+    // One caller at a time: the balancer learns that `busy` answers at once and `other` slowly.
+    calls(&client, 3).await;
+    assert_eq!(failures_of(&client, &busy), 0);
+
+    // A plain POST (never hedged) takes `busy`'s only slot and hangs there.
+    busy.behave(Behaviour::Hanging);
+    other.behave(Behaviour::Healthy);
+    let holder = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let hanging = ClientRequest::post_json("/reserve", &serde_json::json!({}))
+                .attempt_timeout(Duration::from_secs(2));
+            client.send(hanging).await
+        }
+    });
+    let requests = busy.requests();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while busy.requests() == requests {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the POST reaches busy");
+
+    // The next call's first attempt goes to the faster `busy` and waits there for the slot; its
+    // hedge on `other` answers. The waiting attempt was never sent: `busy` failed nothing.
+    let answered_by_other = other.requests();
+    calls(&client, 1).await;
+    assert_eq!(other.requests(), answered_by_other + 1);
+    assert_eq!(busy.requests(), requests + 1, "only the POST reached busy");
+    assert_eq!(failures_of(&client, &busy), 0);
+    holder.abort();
+}
+
+/// A resolver that never answers, as when the cluster's DNS is down.
+struct SilentResolver;
+
+impl shared::client::Resolve for SilentResolver {
+    fn resolve(&self, _name: shared::client::Name) -> shared::client::Resolving {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_for_a_name_that_does_not_resolve_ends_at_its_deadline() {
+    let mut config = named_config(&TestResolver::default(), 4002);
+    config.resolver = shared::client::Resolver(std::sync::Arc::new(SilentResolver));
+    let client = client(config);
+
+    let started = tokio::time::Instant::now();
+    let result = shared::deadline::scope(
+        shared::deadline::Deadline::after(Duration::from_millis(300)),
+        client.send(ClientRequest::get("/stock/BK-12")),
+    )
+    .await;
+
+    assert!(
+        matches!(
+            result,
+            Err(shared::client::ClientError::DeadlineExceeded { .. })
+        ),
+        "{result:?}"
+    );
+    // Not the resolver's own 2 s limit.
+    assert_eq!(started.elapsed(), Duration::from_millis(300));
+}
