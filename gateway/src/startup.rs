@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use axum::Router;
 use axum::middleware;
-use shared::admission::{Admission, ListenerSettings};
+use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::client::ResilientClient;
 use shared::health::{self, CheckStatus, Health};
 use shared::metrics::Metrics;
@@ -60,7 +60,8 @@ impl Application {
             request_budget: settings.request_budget,
             body_limit: DEFAULT_BODY_LIMIT,
             metrics: metrics.clone(),
-            admission: Admission::new(settings.admission.limit, &metrics),
+            // The edge: a refused client outside the system is told the service is busy.
+            admission: Admission::new(settings.admission.limit, Refusal::Unavailable, &metrics),
         };
         // Rate limits cover the public API only: probes and scrapes are never limited.
         let api = routes::router(state).layer(middleware::from_fn_with_state(

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
-use shared::admission::{Admission, ListenerSettings};
+use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
@@ -69,7 +69,8 @@ impl Application {
             request_budget: settings.request_budget,
             body_limit: DEFAULT_BODY_LIMIT,
             metrics: metrics.clone(),
-            admission: Admission::new(settings.admission.limit, &metrics),
+            // Behind the gateway: a refusal is a 429, which callers' breakers do not count.
+            admission: Admission::new(settings.admission.limit, Refusal::TooManyRequests, &metrics),
         };
         let router =
             chassis.wrap(routes::router(state).merge(shared::health::router(health, metrics)));

@@ -40,7 +40,7 @@ pub struct Chassis {
 
 impl Chassis {
     /// Wraps `router` in the middleware every service runs, outermost first:
-    /// panic → `500` problem; correlation ID; admission (over the limit → `503` problem);
+    /// panic → `500` problem; correlation ID; admission (over the limit → `503` or `429` problem);
     /// request span, access log and metrics; deadline; body limit. Unknown paths answer a `404`
     /// problem.
     ///

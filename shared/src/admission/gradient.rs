@@ -51,10 +51,11 @@ pub struct LimitSettings {
 impl Default for LimitSettings {
     fn default() -> Self {
         Self {
-            // 20 concurrent requests keep every service on this workspace's hardware busy (the
-            // order path reaches 85 % of its peak rate at 16 connections), so a cold burst is
-            // admitted at near full speed from the first moment and the limit grows from there.
-            initial: 20,
+            // 100 at start: more than a demo, a test or a shop front sends at once (so none of
+            // them meets a refusal before the limit has measured anything), and still a tenth of
+            // the thousand upstream connections a cold burst used to open at once. From there the
+            // limit follows latency.
+            initial: 100,
             // Below 10 a single slow request would take a tenth of the capacity; Netflix's
             // gradient floor is 20, ours lower so small deployments can still shed.
             min: 10,
@@ -188,7 +189,7 @@ mod tests {
         let mut limit = GradientLimit::new(LimitSettings::default());
         let mut now = Instant::now();
         let after = feed(&mut limit, &mut now, 20, 10);
-        assert!(after > 20, "limit {after} should have grown from 20");
+        assert!(after > 100, "limit {after} should have grown from 100");
     }
 
     #[test]
@@ -221,7 +222,10 @@ mod tests {
 
     #[test]
     fn an_idle_limit_does_not_grow() {
-        let mut limit = GradientLimit::new(LimitSettings::default());
+        let mut limit = GradientLimit::new(LimitSettings {
+            initial: 20,
+            ..LimitSettings::default()
+        });
         let mut now = Instant::now();
         for _ in 0..50 {
             for _ in 0..=MIN_WINDOW_SAMPLES {
@@ -234,14 +238,18 @@ mod tests {
 
     #[test]
     fn a_window_needs_both_its_time_and_its_samples() {
-        let mut limit = GradientLimit::new(LimitSettings::default());
+        let settings = LimitSettings {
+            initial: 20,
+            ..LimitSettings::default()
+        };
+        let mut limit = GradientLimit::new(settings);
         let now = Instant::now();
         // Many samples within one window's time: no update yet.
         for _ in 0..100 {
             limit.sample(now, ms(1000), 20);
         }
         // A window's time with too few samples: no update either.
-        let mut sparse = GradientLimit::new(LimitSettings::default());
+        let mut sparse = GradientLimit::new(settings);
         sparse.sample(now, ms(1000), 20);
         sparse.sample(now + WINDOW * 5, ms(1000), 20);
         assert_eq!((limit.limit(), sparse.limit()), (20, 20));

@@ -50,6 +50,30 @@ pub const NEVER_SHED: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 /// a limit that follows latency frees slots within a few hundred milliseconds.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How a request over the limit is refused. Both answers carry `Retry-After` and a problem
+/// document; they differ in what the caller's resilient client makes of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `503 Service Unavailable`: at the edge, where the caller is a person or a program outside
+    /// the system, and "the service is busy, come back later" is the standard answer.
+    Unavailable,
+    /// `429 Too Many Requests`: inside the system, where the caller is one of our services. Its
+    /// resilient client treats a `429` as a live dependency pushing back (retried within budget,
+    /// never counted against the breaker), whereas a `503` counts as a failure: a burst shed by
+    /// order-service must not open the gateway's breaker for a healthy order-service. (Netflix's
+    /// concurrency-limits filter refuses with 429 by default for the same reason.)
+    TooManyRequests,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+}
+
 /// A service's admission settings: its listener's bounds and its concurrency limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AdmissionSettings {
@@ -108,12 +132,14 @@ struct Inner {
     in_flight_gauge: Gauge,
     admitted: Counter,
     rejected: Counter,
+    refusal: Refusal,
 }
 
 impl Admission {
-    /// A limit with `settings`, reporting `admission_limit`, `admission_in_flight` and
-    /// `admission_requests_total{outcome="admitted"|"rejected"}` into `metrics`.
-    pub fn new(settings: LimitSettings, metrics: &Metrics) -> Self {
+    /// A limit with `settings` that refuses with `refusal`, reporting `admission_limit`,
+    /// `admission_in_flight` and `admission_requests_total{outcome="admitted"|"rejected"}` into
+    /// `metrics`.
+    pub fn new(settings: LimitSettings, refusal: Refusal, metrics: &Metrics) -> Self {
         let limit = GradientLimit::new(settings);
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         // One statement each: the family's guard must be released before the next lookup, which
@@ -136,6 +162,7 @@ impl Admission {
             in_flight_gauge: Gauge::default(),
             admitted,
             rejected,
+            refusal,
         };
         inner
             .limit_gauge
@@ -225,14 +252,14 @@ impl Drop for Permit {
     }
 }
 
-/// Axum middleware that admits a request within the limit or refuses it with a `503` problem and
-/// `Retry-After`; [`NEVER_SHED`] paths pass without counting.
+/// Axum middleware that admits a request within the limit or refuses it at once (see
+/// [`Refusal`]) with a problem and `Retry-After`; [`NEVER_SHED`] paths pass without counting.
 pub async fn admit(State(admission): State<Admission>, request: Request, next: Next) -> Response {
     if NEVER_SHED.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     let Some(permit) = admission.try_admit() else {
-        return overloaded().into_response();
+        return overloaded(admission.inner.refusal).into_response();
     };
     let response = next.run(request).await;
     permit.complete();
@@ -240,8 +267,8 @@ pub async fn admit(State(admission): State<Admission>, request: Request, next: N
 }
 
 /// The answer to a request over the limit.
-pub fn overloaded() -> Problem {
-    Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Overloaded")
+pub fn overloaded(refusal: Refusal) -> Problem {
+    Problem::new(refusal.status(), "Overloaded")
         .detail("the service is at its concurrency limit; retry after the Retry-After delay")
         .retry_after(RETRY_AFTER)
 }
@@ -259,6 +286,7 @@ mod tests {
                 min: 1,
                 max: 10,
             },
+            Refusal::Unavailable,
             &metrics,
         );
         let first = admission.try_admit().expect("a free slot");

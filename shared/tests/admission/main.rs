@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use shared::admission::{Admission, LimitSettings, ListenerSettings};
+use shared::admission::{Admission, LimitSettings, ListenerSettings, Refusal};
 use shared::metrics::Metrics;
 use shared::server::Chassis;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -164,6 +164,7 @@ fn blocking_service(release: Arc<Notify>) -> (Router, Metrics) {
                 min: 1,
                 max: 1,
             },
+            Refusal::Unavailable,
             &metrics,
         ),
     };
