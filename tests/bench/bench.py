@@ -438,10 +438,18 @@ def report_burst(result: dict, connections: int, reject_p99_ms: float) -> list[s
     server_errors = {k: v["count"] for k, v in summary["statuses"].items() if k.startswith("5") and k != "503"}
     if server_errors:
         problems.append(f"5xx other than 503: {server_errors}")
+    admitted = summary["statuses"].get("201")
     for status in ("503", "429"):
         refused = summary["statuses"].get(status)
-        if refused and refused["p99_us"] / 1000 > reject_p99_ms:
+        if not refused:
+            continue
+        if reject_p99_ms and refused["p99_us"] / 1000 > reject_p99_ms:
             problems.append(f"{status} answers took {refused['p99_us'] / 1000:.1f} ms at p99 (> {reject_p99_ms:g} ms)")
+        # Refused at once means: not queued like admitted work. Half the admitted median holds on a
+        # busy machine too (measured: a tenth), and fails when refusals wait in the same queue.
+        if admitted and refused["p50_us"] * 2 > admitted["p50_us"]:
+            problems.append(f"{status} answers (p50 {refused['p50_us'] / 1000:.1f} ms) are not much faster "
+                            f"than admitted orders (p50 {admitted['p50_us'] / 1000:.1f} ms)")
     # Every order answered 201 is stored, once, and took exactly one unit. A few more may be stored:
     # wrk stops with up to one request per connection in flight, which the system still completes
     # (their answers go to a closed socket).
@@ -631,11 +639,11 @@ def main() -> int:
     relay_events = int(os.environ.get("RELAY_EVENTS", 1000 if smoke else 50_000))
     burst_connections = int(os.environ.get("BURST_CONNECTIONS", 512 if smoke else 1024))
     burst_seconds = float(os.environ.get("BURST_SECONDS", 2 if smoke else 10))
-    # Refusals must be cheap: 5 ms at p99 is the target. But wrk is a closed loop: each refused
-    # connection asks again at once, so a refusal waits behind the others' (Little's law: 512
-    # connections at 10,000 refusals/s is 50 ms). The smoke run on a busy CI machine only catches
-    # refusals that queue like admitted work (the open-breaker collapse answered in 0.4-0.5 s).
-    reject_p99_ms = float(os.environ.get("BURST_REJECT_P99_MS", 250 if smoke else 5))
+    # Refusals must be cheap: 5 ms at p99 is the target (0 disables the check). But wrk is a closed
+    # loop: each refused connection asks again at once, so a refusal waits behind the others'
+    # (Little's law: 512 connections at 10,000 refusals/s is 50 ms), and on a busy CI machine no
+    # absolute bound holds; the smoke run checks only that refusals do not queue like admitted work.
+    reject_p99_ms = float(os.environ.get("BURST_REJECT_P99_MS", 0 if smoke else 5))
     amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
     namespace = f"bench-{uuid.uuid4().hex[:12]}"
 
