@@ -2,9 +2,12 @@
 
 use std::time::Duration;
 
+use shared::admission::AdmissionSettings;
 use shared::client::ClientConfig;
 use shared::config::{ConfigError, Env};
 use subtle::ConstantTimeEq;
+
+use crate::rate_limit::RateLimitSettings;
 
 /// The admin key used when `ADMIN_API_KEY` is unset: convenient for `docker compose up` and curl,
 /// and therefore logged as a warning at startup, because anyone who has read the README knows it.
@@ -19,8 +22,12 @@ pub struct Settings {
     pub port: u16,
     /// The edge budget every request gets (`REQUEST_BUDGET_MS`); see [`Settings::from_env`].
     pub request_budget: Duration,
+    /// The listener's bounds and the concurrency limit (`HTTP_*`, `ADMISSION_*`).
+    pub admission: AdmissionSettings,
     /// The key that `PUT /api/prices/{sku}` requires in `x-api-key` (`ADMIN_API_KEY`).
     pub admin_api_key: AdminApiKey,
+    /// Per-client rate limits (`RATE_LIMIT_*`).
+    pub rate_limit: RateLimitSettings,
     /// The order-service client (`ORDER_URL` and the shared `HTTP_*`/`BREAKER_*` tunables).
     pub order: ClientConfig,
     /// The inventory-service client (`INVENTORY_URL`).
@@ -60,6 +67,8 @@ impl Settings {
             ClientConfig::from_env("inventory", env, "INVENTORY_URL", "http://inventory:4002")?;
         let pricing = ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?;
         Ok(Self {
+            admission: AdmissionSettings::from_env(env)?,
+            rate_limit: RateLimitSettings::from_env(env)?,
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 8080)?,
             request_budget,

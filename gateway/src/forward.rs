@@ -56,7 +56,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
-/// The optional `Idempotency-Key` of a request, validated (1–255 printable ASCII characters).
+/// The optional `Idempotency-Key` of a request, validated (1–255 visible ASCII characters).
 #[derive(Debug, Clone, Default)]
 pub struct IdempotencyKey(pub Option<String>);
 
@@ -70,10 +70,16 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let key = value
             .to_str()
             .ok()
-            .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_LEN)
+            .filter(|k| is_valid_idempotency_key(k))
             .ok_or(ApiError::InvalidIdempotencyKey)?;
         Ok(Self(Some(key.to_owned())))
     }
+}
+
+/// 1–255 visible ASCII characters (no spaces): what order-service stores and accepts, checked
+/// here so a bad key is answered at the edge.
+fn is_valid_idempotency_key(key: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Everything except RFC 3986 unreserved characters is percent-encoded in a path segment.
@@ -122,7 +128,53 @@ pub fn public_location(upstream: &HeaderValue) -> Option<HeaderValue> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    fn idempotency_key(value: HeaderValue) -> Result<Option<String>, ApiError> {
+        let (mut parts, ()) = http::Request::builder()
+            .header(&IDEMPOTENCY_KEY, value)
+            .body(())
+            .expect("request")
+            .into_parts();
+        let extracted = block_on(IdempotencyKey::from_request_parts(&mut parts, &()));
+        extracted.map(|key| key.0)
+    }
+
+    /// The extractor does no I/O, so its future completes on the first poll.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    }
+
+    proptest! {
+        #[test]
+        fn an_idempotency_key_is_accepted_exactly_when_order_service_would_store_it(
+            bytes in prop_oneof![
+                // Printable text around the length bound, spaces and tabs included…
+                "[ -~\t]{0,260}".prop_map(String::into_bytes),
+                // …and anything a client can put in a header.
+                proptest::collection::vec(any::<u8>(), 0..300),
+            ],
+        ) {
+            let Ok(value) = HeaderValue::from_bytes(&bytes) else { return Ok(()) };
+            let valid = (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&bytes.len())
+                && bytes.iter().all(u8::is_ascii_graphic);
+            match idempotency_key(value) {
+                Ok(key) => {
+                    prop_assert!(valid, "accepted {:?}", bytes);
+                    prop_assert_eq!(key.map(String::into_bytes), Some(bytes));
+                }
+                Err(error) => {
+                    prop_assert!(!valid, "refused {:?}", bytes);
+                    prop_assert!(matches!(error, ApiError::InvalidIdempotencyKey));
+                }
+            }
+        }
+    }
 
     #[test]
     fn path_parameters_stay_one_segment() {

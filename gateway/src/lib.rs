@@ -12,6 +12,8 @@
 //! | [`state`] | [`AppState`](state::AppState): the three clients and the admin key |
 //! | [`routes`] | one file per public resource: orders, products, prices |
 //! | [`forward`] | the lean pass-through path: raw JSON bodies, path segments, relayed responses |
+//! | [`rate_limit`] | per-client token buckets: `429` + `Retry-After` + `RateLimit` headers |
+//! | [`openapi`] | the OpenAPI 3.1 document of the public API, served at `/openapi.json` |
 //! | [`auth`] | the admin API-key check guarding price changes |
 //! | [`error`] | [`ApiError`](error::ApiError) → problem+json, upstream 4xx passed through |
 
@@ -19,6 +21,8 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod openapi;
+pub mod rate_limit;
 pub mod routes;
 pub mod startup;
 pub mod state;

@@ -2,6 +2,8 @@
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::middleware;
+use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::client::ResilientClient;
 use shared::health::{self, CheckStatus, Health};
 use shared::metrics::Metrics;
@@ -12,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::SERVICE;
 use crate::config::Settings;
+use crate::rate_limit::{self, ClientRateLimit};
 use crate::routes;
 use crate::state::AppState;
 
@@ -20,6 +23,7 @@ use crate::state::AppState;
 pub struct Application {
     port: u16,
     listener: TcpListener,
+    listener_settings: ListenerSettings,
     router: Router,
 }
 
@@ -35,6 +39,10 @@ impl Application {
             );
         }
         let metrics = Metrics::new(SERVICE);
+        let rate_limit = ClientRateLimit::new(&settings.rate_limit, settings.admin_api_key.clone());
+        if !rate_limit.is_enabled() {
+            tracing::warn!("RATE_LIMIT_PER_SECOND=0: per-client rate limits are off");
+        }
         let state = AppState {
             order: client(settings.order, &metrics)?,
             inventory: client(settings.inventory, &metrics)?,
@@ -52,8 +60,15 @@ impl Application {
             request_budget: settings.request_budget,
             body_limit: DEFAULT_BODY_LIMIT,
             metrics: metrics.clone(),
+            // The edge: a refused client outside the system is told the service is busy.
+            admission: Admission::new(settings.admission.limit, Refusal::Unavailable, &metrics),
         };
-        let router = chassis.wrap(routes::router(state).merge(health::router(health, metrics)));
+        // Rate limits cover the public API only: probes and scrapes are never limited.
+        let api = routes::router(state).layer(middleware::from_fn_with_state(
+            rate_limit,
+            rate_limit::enforce,
+        ));
+        let router = chassis.wrap(api.merge(health::router(health, metrics)));
         let listener = server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
@@ -64,6 +79,7 @@ impl Application {
         Ok(Self {
             port,
             listener,
+            listener_settings: settings.admission.listener,
             router,
         })
     }
@@ -87,9 +103,15 @@ impl Application {
     /// Fails if serving fails.
     pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "gateway listening");
-        server::serve(self.listener, self.router, shutdown, DEFAULT_DRAIN)
-            .await
-            .context("serving HTTP")
+        server::serve_with(
+            self.listener,
+            self.router,
+            self.listener_settings,
+            shutdown,
+            DEFAULT_DRAIN,
+        )
+        .await
+        .context("serving HTTP")
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use shared::admission::AdmissionSettings;
 use shared::config::{ConfigError, Env};
 use shared::db::DbSettings;
 use shared::messaging::MessagingSettings;
@@ -17,6 +18,8 @@ pub struct Settings {
     pub database: DbSettings,
     /// `REQUEST_BUDGET_MS`: the budget of a request whose caller sent none.
     pub request_budget: Duration,
+    /// The listener's bounds and the concurrency limit (`HTTP_*`, `ADMISSION_*`).
+    pub admission: AdmissionSettings,
     /// The broker connection.
     pub messaging: MessagingSettings,
     /// `RESERVATION_TTL_MS`: how long a reservation holds stock without being committed.
@@ -53,6 +56,7 @@ impl Settings {
             });
         }
         Ok(Self {
+            admission: AdmissionSettings::from_env(env)?,
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 4002)?,
             database: DbSettings::from_env(env, crate::SERVICE)?,

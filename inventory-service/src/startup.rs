@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
@@ -25,6 +26,7 @@ use crate::sweeper;
 pub struct Application {
     port: u16,
     listener: TcpListener,
+    listener_settings: ListenerSettings,
     router: Router,
     store: Arc<dyn InventoryStore>,
     broker: Broker,
@@ -70,12 +72,15 @@ impl Application {
             request_budget: settings.request_budget,
             body_limit: DEFAULT_BODY_LIMIT,
             metrics: metrics.clone(),
+            // Behind the gateway: a refusal is a 429, which callers' breakers do not count.
+            admission: Admission::new(settings.admission.limit, Refusal::TooManyRequests, &metrics),
         };
         let router =
             chassis.wrap(routes::router(state).merge(shared::health::router(health, metrics)));
         Ok(Self {
             port,
             listener,
+            listener_settings: settings.admission.listener,
             router,
             store,
             broker,
@@ -114,8 +119,14 @@ impl Application {
             self.background.clone(),
             sweeper::run(self.store.clone(), self.sweep_interval),
         );
-        let served =
-            shared::server::serve(self.listener, self.router, shutdown, DEFAULT_DRAIN).await;
+        let served = shared::server::serve_with(
+            self.listener,
+            self.router,
+            self.listener_settings,
+            shutdown,
+            DEFAULT_DRAIN,
+        )
+        .await;
         self.background.cancel();
         let _ = sweeper.await;
         served.context("serving HTTP")

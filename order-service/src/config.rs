@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use shared::admission::AdmissionSettings;
 use shared::client::ClientConfig;
 use shared::config::{ConfigError, Env};
 use shared::db::DbSettings;
@@ -20,6 +21,8 @@ pub struct Settings {
     /// `REQUEST_BUDGET_MS`: the budget of a request whose caller sent none, and the cap on one
     /// that did.
     pub request_budget: Duration,
+    /// The listener's bounds and the concurrency limit (`HTTP_*`, `ADMISSION_*`).
+    pub admission: AdmissionSettings,
     /// The broker connection.
     pub messaging: MessagingSettings,
     /// The pricing client (`PRICING_URL` and the `HTTP_*` / `BREAKER_*` tunables).
@@ -48,6 +51,7 @@ impl Settings {
             ClientConfig::from_env("pricing", env, "PRICING_URL", "http://pricing:4003")?;
         pricing.attempt_timeout = pricing.attempt_timeout.min(PRICING_ATTEMPT_TIMEOUT);
         Ok(Self {
+            admission: AdmissionSettings::from_env(env)?,
             host: env.string_or("HOST", "0.0.0.0"),
             port: env.parse_or("PORT", 4001)?,
             database: DbSettings::from_env(env, crate::SERVICE)?,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
+use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::client::ResilientClient;
 use shared::health::Health;
 use shared::messaging::Broker;
@@ -28,6 +29,7 @@ use crate::store::{MIGRATIONS, OrderRepository, SqliteOrderRepository};
 pub struct Application {
     port: u16,
     listener: TcpListener,
+    listener_settings: ListenerSettings,
     router: Router,
     broker: Broker,
     relay: OutboxRelay,
@@ -93,12 +95,15 @@ impl Application {
             request_budget: settings.request_budget,
             body_limit: DEFAULT_BODY_LIMIT,
             metrics: metrics.clone(),
+            // Behind the gateway: a refusal is a 429, which callers' breakers do not count.
+            admission: Admission::new(settings.admission.limit, Refusal::TooManyRequests, &metrics),
         };
         let router =
             chassis.wrap(routes::router(state).merge(shared::health::router(health, metrics)));
         Ok(Self {
             port,
             listener,
+            listener_settings: settings.admission.listener,
             router,
             broker,
             relay,
@@ -142,8 +147,14 @@ impl Application {
             self.background.clone(),
             self.relay.clone().run(self.background.clone()),
         );
-        let served =
-            shared::server::serve(self.listener, self.router, shutdown, DEFAULT_DRAIN).await;
+        let served = shared::server::serve_with(
+            self.listener,
+            self.router,
+            self.listener_settings,
+            shutdown,
+            DEFAULT_DRAIN,
+        )
+        .await;
         self.background.cancel();
         let _ = relay.await;
         served.context("serving HTTP")

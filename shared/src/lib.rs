@@ -4,6 +4,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
+//! | [`admission`] | overload: adaptive concurrency limit, listener timeouts and connection limit |
 //! | [`client`] | the resilient HTTP client: timeouts, retries, retry budget, circuit breaker |
 //! | [`correlation`] | correlation IDs: adopt or mint at the edge, task-local, echoed on responses |
 //! | [`deadline`] | request budgets forwarded hop to hop, enforced at every service |
@@ -19,6 +20,7 @@
 //! | [`shutdown`] | SIGINT/SIGTERM and bounded draining |
 //! | `testing` (feature `testing`) | what every test harness shares: `assert_eventually`, the test broker, quiet logs |
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod correlation;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
+use crate::admission::{self, Admission, ListenerSettings};
 use crate::correlation::CorrelationLayer;
 use crate::deadline::DeadlineLayer;
 use crate::metrics::{self, Metrics};
@@ -33,12 +34,19 @@ pub struct Chassis {
     pub body_limit: usize,
     /// Where request metrics are recorded.
     pub metrics: Metrics,
+    /// The concurrency limit requests pass before anything else is spent on them.
+    pub admission: Admission,
 }
 
 impl Chassis {
     /// Wraps `router` in the middleware every service runs, outermost first:
-    /// panic → `500` problem; correlation ID; request span, access log and metrics; deadline;
-    /// body limit. Unknown paths answer a `404` problem.
+    /// panic → `500` problem; correlation ID; admission (over the limit → `503` or `429` problem);
+    /// request span, access log and metrics; deadline; body limit. Unknown paths answer a `404`
+    /// problem.
+    ///
+    /// Admission sits outside the access log and request metrics on purpose: a refusal must cost
+    /// as little as possible, and under overload there are many of them (they are counted in
+    /// `admission_requests_total`).
     pub fn wrap(&self, router: Router) -> Router {
         let service = self.service;
         router
@@ -52,6 +60,10 @@ impl Chassis {
             .layer(middleware::from_fn(move |request: Request, next: Next| {
                 observe(service, request, next)
             }))
+            .layer(middleware::from_fn_with_state(
+                self.admission.clone(),
+                admission::admit,
+            ))
             .layer(CorrelationLayer)
             .layer(CatchPanicLayer::custom(|_| {
                 // The panic message may hold internals; it is logged by the panic hook, not sent.
@@ -99,8 +111,8 @@ async fn observe(service: &'static str, request: Request, next: Next) -> Respons
     .await
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled, then drains in-flight requests
-/// for at most `drain`.
+/// Serves `router` on `listener` with the default [`ListenerSettings`] until `shutdown` is
+/// cancelled, then drains in-flight requests for at most `drain`.
 ///
 /// # Errors
 /// Returns the listener's I/O error if serving fails.
@@ -110,13 +122,29 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let stop = shutdown.clone();
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .into_future();
-    crate::shutdown::bounded(server, shutdown.cancelled_owned(), drain)
-        .await
-        .unwrap_or(Ok(()))
+    serve_with(
+        listener,
+        router,
+        ListenerSettings::default(),
+        shutdown,
+        drain,
+    )
+    .await
+}
+
+/// [`serve`] with explicit bounds on clients: header read and idle timeouts and the connection
+/// limit (see [`crate::admission::listener`]).
+///
+/// # Errors
+/// Returns the listener's I/O error if serving fails.
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    settings: ListenerSettings,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> std::io::Result<()> {
+    admission::listener::serve(listener, router, settings, shutdown, drain).await
 }
 
 /// Binds `host:port` (port 0 picks a free port, which tests use).

@@ -624,11 +624,17 @@ mod tests {
                 }
             }),
         );
+        let metrics = crate::metrics::Metrics::new("order");
         crate::server::Chassis {
             service: "order",
             request_budget: std::time::Duration::from_secs(5),
             body_limit: crate::server::DEFAULT_BODY_LIMIT,
-            metrics: crate::metrics::Metrics::new("order"),
+            admission: crate::admission::Admission::new(
+                crate::admission::LimitSettings::default(),
+                crate::admission::Refusal::TooManyRequests,
+                &metrics,
+            ),
+            metrics,
         }
         .wrap(router)
     }

@@ -1,8 +1,8 @@
 //! The public API (DESIGN §3): one file per resource, all forwarding to the internal services.
 
-mod orders;
-mod prices;
-mod products;
+pub(crate) mod orders;
+pub(crate) mod prices;
+pub(crate) mod products;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/orders/{id}/cancel", post(cancel_order))
         .route("/api/products/{sku}", get(get_product))
         .route("/api/prices/{sku}", get(get_price).put(put_price))
+        .route("/openapi.json", get(crate::openapi::document))
         // Added last so it covers every route above: a known path with the wrong method is a
         // problem document too, like every other error the gateway answers.
         .method_not_allowed_fallback(method_not_allowed)

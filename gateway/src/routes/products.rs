@@ -12,6 +12,7 @@ use shared::money::Money;
 
 use crate::error::{ApiError, is_refusal};
 use crate::forward::segment;
+use crate::openapi::Problem;
 use crate::state::AppState;
 
 /// The most either lookup may take, retries included, before the product is answered without
@@ -39,14 +40,17 @@ struct Stock {
 }
 
 /// A product as the public API shows it: what each side knows, and which side is missing.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Product {
     sku: String,
     name: Option<String>,
+    #[schema(value_type = Option<f64>, minimum = 0)]
     price: Option<Money>,
     currency: Option<String>,
     available: Option<i64>,
+    /// The parts that could not be fetched: `price`, `availability`.
+    #[schema(value_type = Vec<String>)]
     missing: Vec<&'static str>,
 }
 
@@ -58,6 +62,16 @@ pub struct Product {
 /// names the gap: a shop page can show a price with "availability unknown" rather than an error.
 /// Only when both fail is the answer an error: `404` if neither knows the sku, otherwise the
 /// worse upstream failure.
+#[utoipa::path(
+    get,
+    path = "/api/products/{sku}",
+    tag = "products",
+    params(("sku" = String, Path, description = "The product's SKU")),
+    responses(
+        (status = 200, description = "What is known about the product; `missing` names the parts that are not", body = Product),
+        (status = 404, description = "Neither pricing nor inventory knows the SKU", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 pub async fn get_product(
     State(state): State<AppState>,
     Path(sku): Path<String>,

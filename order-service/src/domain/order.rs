@@ -266,7 +266,50 @@ impl InvalidOrder {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// SKUs as clients send them: mostly valid codes from a small set (so lines repeat and
+    /// merge), sometimes anything at all.
+    fn any_sku() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[A-C]{1,2}",
+            1 => any::<String>(),
+            1 => "[A-Za-z0-9._-]{60,70}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn an_order_request_is_accepted_exactly_when_every_rule_holds(
+            items in proptest::collection::vec((any_sku(), prop_oneof![Just(0u32), Just(u32::MAX), any::<u32>(), 1..5u32]), 0..120),
+        ) {
+            let mut merged: Vec<(String, u64)> = Vec::new();
+            for (sku, qty) in &items {
+                match merged.iter_mut().find(|(s, _)| s == sku) {
+                    Some((_, total)) => *total += u64::from(*qty),
+                    None => merged.push((sku.clone(), u64::from(*qty))),
+                }
+            }
+            let valid = !items.is_empty()
+                && items.iter().all(|(sku, qty)| is_valid_sku(sku) && *qty > 0)
+                && merged.len() <= MAX_LINES
+                && merged.iter().all(|(_, total)| *total <= u64::from(u32::MAX));
+            match OrderRequest::parse(items.clone()) {
+                Ok(request) => {
+                    prop_assert!(valid, "accepted {:?}", items);
+                    let lines: Vec<(String, u64)> = request
+                        .lines()
+                        .iter()
+                        .map(|l| (l.sku.clone(), u64::from(l.qty)))
+                        .collect();
+                    prop_assert_eq!(lines, merged);
+                }
+                Err(_) => prop_assert!(!valid, "refused {:?}", items),
+            }
+        }
+    }
 
     fn request(items: &[(&str, u32)]) -> Result<OrderRequest, InvalidOrder> {
         OrderRequest::parse(items.iter().map(|(s, q)| ((*s).to_owned(), *q)))
