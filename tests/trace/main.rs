@@ -17,6 +17,7 @@
 
 mod dashboard;
 mod receiver;
+#[allow(dead_code)] // the crash test's kill and restart are not used here
 mod stack;
 
 use std::collections::{BTreeSet, HashMap};

@@ -1,5 +1,6 @@
 //! The four release binaries as separate processes, exporting traces to the test's receiver, with
-//! order-service's broker link through a proxy that the test can cut.
+//! order-service's broker link through a proxy that the test can cut, and any one of them killed
+//! (`SIGKILL`) and started again on its port and database file.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,12 +44,14 @@ pub fn release_dir() -> PathBuf {
     target.join("release")
 }
 
-/// A running service process.
+/// A running service process, and how to start it again.
 pub struct Service {
     pub name: &'static str,
     pub port: u16,
     pub log: PathBuf,
     child: Child,
+    binary: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Service {
@@ -70,6 +73,15 @@ impl Stack {
     /// exporting traces to `otlp` (endpoint, milliseconds between batch exports) when given, and
     /// waits until each is ready.
     pub async fn start(otlp: Option<(&str, u64)>, order_amqp_url: &str) -> Self {
+        Self::start_with(otlp, order_amqp_url, &[]).await
+    }
+
+    /// [`Stack::start`], with `extra` environment variables as `(service, name, value)`.
+    pub async fn start_with(
+        otlp: Option<(&str, u64)>,
+        order_amqp_url: &str,
+        extra: &[(&str, &str, &str)],
+    ) -> Self {
         let namespace = format!("trace-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workdir = std::env::temp_dir().join(&namespace);
         std::fs::create_dir_all(&workdir).expect("creates the work directory");
@@ -90,40 +102,41 @@ impl Stack {
                 path.display()
             );
             let log = workdir.join(format!("{name}.log"));
-            let out = std::fs::File::create(&log).expect("creates the log file");
-            let mut command = Command::new(&path);
-            match otlp {
-                Some((endpoint, delay_ms)) => command
-                    .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-                    .env("OTEL_BSP_SCHEDULE_DELAY", delay_ms.to_string()),
-                None => command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            let mut env: Vec<(String, String)> = match otlp {
+                Some((endpoint, delay_ms)) => vec![
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.into()),
+                    ("OTEL_BSP_SCHEDULE_DELAY".into(), delay_ms.to_string()),
+                ],
+                None => Vec::new(),
             };
-            let child = command
-                .current_dir(&workdir)
-                .env("HOST", "127.0.0.1")
-                .env("PORT", ports[i].to_string())
-                .env("AMQP_URL", amqp)
-                .env("EVENTS_NAMESPACE", &namespace)
-                .env(
-                    "DATABASE_URL",
-                    format!("sqlite://{}", workdir.join(format!("{name}.db")).display()),
-                )
-                .env("PRICING_URL", url(0))
-                .env("INVENTORY_URL", url(1))
-                .env("ORDER_URL", url(2))
-                .env("LOG_FORMAT", "json")
-                .env("RUST_LOG", "info")
-                .env_remove("OTEL_SERVICE_NAME")
-                .stdout(out.try_clone().expect("log handle"))
-                .stderr(out)
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
+            let database = workdir.join(format!("{name}.db"));
+            for (key, value) in [
+                ("HOST", "127.0.0.1".to_owned()),
+                ("PORT", ports[i].to_string()),
+                ("AMQP_URL", amqp),
+                ("EVENTS_NAMESPACE", namespace.clone()),
+                ("DATABASE_URL", format!("sqlite://{}", database.display())),
+                ("PRICING_URL", url(0)),
+                ("INVENTORY_URL", url(1)),
+                ("ORDER_URL", url(2)),
+                ("LOG_FORMAT", "json".to_owned()),
+                ("RUST_LOG", "info".to_owned()),
+            ] {
+                env.push((key.to_owned(), value));
+            }
+            for (service, key, value) in extra {
+                if *service == name {
+                    env.push(((*key).to_owned(), (*value).to_owned()));
+                }
+            }
+            let child = spawn(&path, &workdir, &env, &log, false);
             services.push(Service {
                 name,
                 port: ports[i],
                 log,
                 child,
+                binary: path,
+                env,
             });
         }
         let stack = Self {
@@ -140,6 +153,30 @@ impl Stack {
     pub fn service(&self, name: &str) -> &Service {
         self.services
             .iter()
+            .find(|s| s.name == name)
+            .expect("a known service")
+    }
+
+    /// Kills `name` with `SIGKILL` (no drain, no flush: a crash) and waits until it is gone.
+    pub fn kill(&mut self, name: &str) {
+        let service = self.service_mut(name);
+        service.child.kill().expect("sends SIGKILL");
+        service.child.wait().expect("reaps the killed process");
+    }
+
+    /// Starts `name` again with its port, database file and environment (its log is appended
+    /// to), and waits until it is ready.
+    pub async fn restart(&mut self, name: &str) {
+        let workdir = self.workdir.clone();
+        let service = self.service_mut(name);
+        service.child = spawn(&service.binary, &workdir, &service.env, &service.log, true);
+        let service = self.service(name);
+        self.wait_ready(service).await;
+    }
+
+    fn service_mut(&mut self, name: &str) -> &mut Service {
+        self.services
+            .iter_mut()
             .find(|s| s.name == name)
             .expect("a known service")
     }
@@ -241,6 +278,36 @@ pub fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Starts `binary` in `workdir` with exactly `env` on top of the test's own environment (minus
+/// the OpenTelemetry variables a developer's shell may carry), its output going to `log`.
+fn spawn(
+    binary: &Path,
+    workdir: &Path,
+    env: &[(String, String)],
+    log: &Path,
+    append: bool,
+) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(log)
+        .expect("opens the log file");
+    let mut command = Command::new(binary);
+    command
+        .current_dir(workdir)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME");
+    command
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(out.try_clone().expect("log handle"))
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()))
 }
 
 fn free_port() -> u16 {
