@@ -32,6 +32,9 @@ an order through the gateway on its published port, reads it back, waits for pri
 units sold (so the event went through RabbitMQ), then stops everything with SIGTERM, as
 `docker compose stop` would, and expects each to exit 0 within compose's 10 s grace period.
 
+The facts about the binaries (ports, variables, the Dockerfile's stages) come from
+scripts/service_contract.py, which scripts/kubernetes-check.py reads them from too.
+
 Parsing uses PyYAML's safe_load (which also resolves the `<<:` merge keys the file uses); it ships
 with the development machines' Python and .ci/run installs it with pip when it is missing. A
 hand-written YAML subset parser would be one more thing to trust.
@@ -56,7 +59,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -64,9 +67,19 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("compose-check: PyYAML is missing: python3 -m pip install pyyaml")
 
-ROOT = Path(__file__).resolve().parent.parent
+from service_contract import (
+    DOCKERFILE,
+    ROOT,
+    CheckFailed,
+    Report,
+    crate_dir_of,
+    default_ports,
+    dockerfile_stages,
+    names_in_code,
+    url_targets,
+)
+
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
 
 BROKER = "rabbitmq"
 AMQP_PORT = 5672
@@ -75,8 +88,6 @@ PUBLIC_SERVICE = "gateway"
 # The optional tools of `docker compose --profile observability up`, and the UI port each may publish.
 OBSERVABILITY_PROFILE = "observability"
 OBSERVABILITY_UI_PORTS = {"jaeger": {16686}, "prometheus": {9090}, "grafana": {3000}}
-# The ports the binaries listen on when PORT is unset (the environment contract in the design).
-DEFAULT_PORTS = {"gateway": 8080, "order-service": 4001, "inventory-service": 4002, "pricing-service": 4003}
 VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 # Runtime budgets. Startup includes SQLite migrations and seeding; readiness includes the AMQP
@@ -88,10 +99,6 @@ EVENT_WITHIN_S = 30.0
 # `docker compose stop` sends SIGTERM and kills after 10 s: a service must drain within that.
 STOP_GRACE_S = 10.0
 HTTP_TIMEOUT_S = 5.0
-
-
-class CheckFailed(Exception):
-    """A disagreement between compose, the Dockerfile and the binaries."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,62 +137,6 @@ def environment_of(service: dict, host_env: dict[str, str]) -> dict[str, str]:
     return {str(k): interpolate("" if v is None else str(v), host_env) for k, v in raw.items()}
 
 
-@dataclass
-class Stage:
-    name: str
-    lines: list[str] = field(default_factory=list)
-
-    def exposed_ports(self) -> set[int]:
-        ports: set[int] = set()
-        for line in self.lines:
-            if line.upper().startswith("EXPOSE "):
-                ports.update(int(p.split("/")[0]) for p in line.split()[1:])
-        return ports
-
-    def entrypoint(self) -> list[str]:
-        for line in self.lines:
-            if line.upper().startswith("ENTRYPOINT "):
-                return json.loads(line.split(None, 1)[1])
-        return []
-
-
-def dockerfile_stages(text: str) -> dict[str, Stage]:
-    """The named stages of a Dockerfile, with their instructions (continuations joined)."""
-    joined = re.sub(r"\\\n", " ", text)
-    stages: dict[str, Stage] = {}
-    current: Stage | None = None
-    for raw in joined.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
-        if m:
-            current = Stage(m.group(1) or "")
-            if current.name:
-                stages[current.name] = current
-            continue
-        if current is not None:
-            current.lines.append(line)
-    return stages
-
-
-def names_in_code(crate_dir: Path) -> set[str]:
-    """UPPER_SNAKE string literals in a crate's and shared's sources: the variables code can read."""
-    names: set[str] = set()
-    for src in (crate_dir / "src", ROOT / "shared" / "src"):
-        for path in src.rglob("*.rs"):
-            names.update(re.findall(r'"([A-Z][A-Z0-9_]+)"', path.read_text(encoding="utf-8")))
-    return names
-
-
-def crate_dir_of(package: str) -> Path:
-    """The workspace member whose package is `package`."""
-    for manifest in ROOT.glob("*/Cargo.toml"):
-        if re.search(rf'^name\s*=\s*"{re.escape(package)}"', manifest.read_text(), re.MULTILINE):
-            return manifest.parent
-    raise CheckFailed(f"no workspace member is the package {package!r}")
-
-
 # --------------------------------------------------------------------------------------------------
 # The static checks
 
@@ -197,29 +148,6 @@ class AppService:
     port: int
     env: dict[str, str]
     depends_on: dict[str, str]
-
-
-class Report:
-    def __init__(self) -> None:
-        self.passed = 0
-        self.failures: list[str] = []
-
-    def check(self, ok: bool, what: str) -> bool:
-        if ok:
-            self.passed += 1
-        else:
-            self.failures.append(what)
-            print(f"  FAIL {what}")
-        return ok
-
-
-def url_targets(value: str) -> list[urllib.parse.SplitResult]:
-    """The URLs in a variable's value (a comma-separated list is allowed)."""
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    urls = [urllib.parse.urlsplit(p) for p in parts]
-    if urls and all(u.scheme and u.hostname for u in urls):
-        return urls
-    return []
 
 
 def normalise_depends_on(raw) -> dict[str, str]:
@@ -254,7 +182,7 @@ def static_checks(compose: dict, dockerfile: str, host_env: dict[str, str], repo
         check(build.get("dockerfile", "Dockerfile") == "Dockerfile", f"{name}: builds from ./Dockerfile")
         env = environment_of(svc, host_env)
         try:
-            port = int(env.get("PORT") or DEFAULT_PORTS[target])
+            port = int(env.get("PORT") or default_ports()[target])
         except (KeyError, ValueError):
             check(False, f"{name}: PORT is a number or {target} has a known default")
             continue
