@@ -351,10 +351,7 @@ struct Running {
     stop_consumers: CancellationToken,
 }
 
-async fn open_session(
-    shared: &Arc<Shared>,
-    specs: &[ConsumerSpec],
-) -> Result<Running, OpenError> {
+async fn open_session(shared: &Arc<Shared>, specs: &[ConsumerSpec]) -> Result<Running, OpenError> {
     let timeout = shared.settings.operation_timeout;
     let connection = connect(&shared.settings.amqp_url, shared.service, timeout).await?;
     let channel = bounded(timeout, connection.create_channel()).await?;
