@@ -121,12 +121,15 @@ pub enum TopologyError {
     /// an earlier configuration, and the broker never changes an existing queue's arguments.
     /// Retrying cannot help until the queue is deleted (see the README's messaging section).
     #[error(
-        "queue {queue} exists with other arguments than {variable} asks for ({reason}); \
-         drain and delete it, or use a new virtual host"
+        "queue {queue} was created with other arguments than declared now \
+         (AMQP_QUEUE_TYPE={queue_type}); check {variable}, then drain and delete the queue or \
+         use a new virtual host. The broker says: {reason}"
     )]
     Inequivalent {
         /// The queue the broker refused.
         queue: String,
+        /// The queue type declared now.
+        queue_type: QueueType,
         /// The setting whose value the existing queue contradicts (`AMQP_QUEUE_TYPE`, ...).
         variable: &'static str,
         /// The broker's explanation.
@@ -140,7 +143,10 @@ fn variable_of(reason: &str) -> &'static str {
     const ARGUMENTS: [(&str, &str); 6] = [
         ("'x-queue-type'", "AMQP_QUEUE_TYPE"),
         ("'x-dead-letter-strategy'", "AMQP_QUEUE_TYPE"),
-        ("'x-delivery-limit'", "AMQP_DELIVERY_LIMIT"),
+        (
+            "'x-delivery-limit'",
+            "AMQP_QUEUE_TYPE or AMQP_DELIVERY_LIMIT",
+        ),
         ("'x-max-length'", "AMQP_QUEUE_MAX_LENGTH"),
         ("'x-overflow'", "AMQP_QUEUE_TYPE or AMQP_QUEUE_MAX_LENGTH"),
         ("'x-message-ttl'", "AMQP_RETRY_DELAY_MS"),
@@ -228,7 +234,7 @@ impl Topology {
             text(&self.dead_letter_exchange),
         );
         main_args.insert("x-dead-letter-routing-key".into(), text(&queue.queue));
-        declare_queue(channel, &queue.queue, main_args, timeout).await?;
+        declare_queue(channel, &queue.queue, main_args, self.queue_type, timeout).await?;
         for event_type in &queue.event_types {
             bind(channel, &queue.queue, &self.exchange, event_type, timeout).await?;
         }
@@ -237,6 +243,7 @@ impl Topology {
             channel,
             &queue.dead_letter_queue,
             self.arguments(Role::DeadLetters),
+            self.queue_type,
             timeout,
         )
         .await?;
@@ -256,7 +263,14 @@ impl Topology {
         // consumer's queue only.
         retry_args.insert("x-dead-letter-exchange".into(), text(""));
         retry_args.insert("x-dead-letter-routing-key".into(), text(&queue.queue));
-        declare_queue(channel, &queue.retry_queue, retry_args, timeout).await
+        declare_queue(
+            channel,
+            &queue.retry_queue,
+            retry_args,
+            self.queue_type,
+            timeout,
+        )
+        .await
     }
 
     /// The arguments that follow from the queue type and the length bound, for a queue in
@@ -269,6 +283,9 @@ impl Topology {
                 arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
                 arguments.insert("x-overflow".into(), text("reject-publish"));
             }
+            // Only the consumer's queue: `dlq list` reads dead letters unacknowledged and hands
+            // them back, which a quorum queue counts as returns, so a limit on the DLQ would
+            // dead-letter its letters into nowhere after a few looks.
             if role == Role::Consumer {
                 let limit = i64::from(self.delivery_limit);
                 arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
@@ -333,6 +350,7 @@ async fn declare_queue(
     channel: &Channel,
     name: &str,
     arguments: FieldTable,
+    queue_type: QueueType,
     timeout: Duration,
 ) -> Result<(), TopologyError> {
     let declared = bounded(&format!("queue {name}"), timeout, async {
@@ -354,6 +372,7 @@ async fn declare_queue(
             };
             Err(TopologyError::Inequivalent {
                 queue: name.to_owned(),
+                queue_type,
                 variable: variable_of(&reason),
                 reason,
             })
