@@ -124,8 +124,8 @@ async fn a_full_queue_nacks_a_publish_and_the_outbox_relay_sends_it_once_there_i
             .sum::<u64>()
     };
     let publisher = test.broker.publisher();
-    // A quorum queue notices that it is over its limit only after an enqueue, so it may take a
-    // message or two beyond `max_length` before it refuses.
+    // A classic queue refuses the publish past `max_length`; a quorum queue finds out that it is
+    // over its bound only after an enqueue, so it takes one message more first.
     let mut accepted = Vec::new();
     let result = loop {
         let sku = format!("FL-{:02}", accepted.len());
@@ -139,6 +139,8 @@ async fn a_full_queue_nacks_a_publish_and_the_outbox_relay_sends_it_once_there_i
         matches!(result, Err(PublishError::Nacked)),
         "{result:?} after {accepted:?}"
     );
+    let room = 1 + usize::from(queue_type == QueueType::Quorum);
+    assert_eq!(accepted.len(), room, "accepted {accepted:?}");
     assert_eq!(nacked(), 1);
 
     // The relay keeps the refused row and tries again until a consumer makes room.
