@@ -137,24 +137,23 @@ pub enum TopologyError {
     },
 }
 
-/// The setting behind a queue argument the broker called inequivalent, for an error message an
-/// operator can act on.
-fn variable_of(reason: &str) -> &'static str {
-    const ARGUMENTS: [(&str, &str); 6] = [
-        ("'x-queue-type'", "AMQP_QUEUE_TYPE"),
-        ("'x-dead-letter-strategy'", "AMQP_QUEUE_TYPE"),
-        (
-            "'x-delivery-limit'",
-            "AMQP_QUEUE_TYPE or AMQP_DELIVERY_LIMIT",
-        ),
-        ("'x-max-length'", "AMQP_QUEUE_MAX_LENGTH"),
-        ("'x-overflow'", "AMQP_QUEUE_TYPE or AMQP_QUEUE_MAX_LENGTH"),
-        ("'x-message-ttl'", "AMQP_RETRY_DELAY_MS"),
-    ];
-    ARGUMENTS
-        .iter()
-        .find(|(argument, _)| reason.contains(argument))
-        .map_or("AMQP_QUEUE_TYPE", |(_, variable)| variable)
+/// The setting behind the queue argument the broker called inequivalent in `reason`, for an
+/// error an operator can act on. Quorum queues carry arguments classic ones lack, so a mismatch on
+/// one of those with nothing on the other side (`none`) means the queue type changed.
+fn variable_of(reason: &str, has_max_length: bool) -> &'static str {
+    let on = |argument: &str| reason.contains(&format!("'{argument}'"));
+    let absent_on_one_side = reason.contains("none");
+    if on("x-message-ttl") {
+        "AMQP_RETRY_DELAY_MS"
+    } else if on("x-max-length") {
+        "AMQP_QUEUE_MAX_LENGTH"
+    } else if on("x-delivery-limit") && !absent_on_one_side {
+        "AMQP_DELIVERY_LIMIT"
+    } else if on("x-overflow") && has_max_length {
+        "AMQP_QUEUE_TYPE or AMQP_QUEUE_MAX_LENGTH"
+    } else {
+        "AMQP_QUEUE_TYPE"
+    }
 }
 
 impl Topology {
@@ -353,6 +352,7 @@ async fn declare_queue(
     queue_type: QueueType,
     timeout: Duration,
 ) -> Result<(), TopologyError> {
+    let has_max_length = arguments.inner().contains_key("x-max-length");
     let declared = bounded(&format!("queue {name}"), timeout, async {
         channel
             .queue_declare(
@@ -373,7 +373,7 @@ async fn declare_queue(
             Err(TopologyError::Inequivalent {
                 queue: name.to_owned(),
                 queue_type,
-                variable: variable_of(&reason),
+                variable: variable_of(&reason, has_max_length),
                 reason,
             })
         }
@@ -447,10 +447,17 @@ mod tests {
 
     #[test]
     fn an_inequivalent_argument_names_the_setting_behind_it() {
-        let reason = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in \
-                      vhost '/': received the value 'quorum' of type 'longstr' but current is none";
-        assert_eq!(variable_of(reason), "AMQP_QUEUE_TYPE");
+        let reason = "PRECONDITION_FAILED - inequivalent arg 'x-overflow' for queue 'q' in vhost \
+                      '/': received the value 'reject-publish' of type 'longstr' but current is none";
+        assert_eq!(variable_of(reason, false), "AMQP_QUEUE_TYPE");
+        assert_eq!(
+            variable_of(reason, true),
+            "AMQP_QUEUE_TYPE or AMQP_QUEUE_MAX_LENGTH"
+        );
+        let reason = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in \
+                      vhost '/': received the value '5' of type 'long' but current is '20'";
+        assert_eq!(variable_of(reason, false), "AMQP_DELIVERY_LIMIT");
         let reason = "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q.retry'";
-        assert_eq!(variable_of(reason), "AMQP_RETRY_DELAY_MS");
+        assert_eq!(variable_of(reason, false), "AMQP_RETRY_DELAY_MS");
     }
 }

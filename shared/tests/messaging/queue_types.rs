@@ -16,17 +16,23 @@ use crate::helpers::{
 };
 use crate::on_both_queue_types;
 
-#[tokio::test]
-async fn an_existing_classic_queue_is_not_redeclared_as_quorum_and_readiness_says_why() {
-    let classic = settings(QueueType::Classic);
+on_both_queue_types!(an_existing_queue_of_the_other_type_is_not_redeclared_and_readiness_says_why);
+async fn an_existing_queue_of_the_other_type_is_not_redeclared_and_readiness_says_why(
+    queue_type: QueueType,
+) {
+    let mut earlier = settings(queue_type);
+    earlier.queue_type = match queue_type {
+        QueueType::Classic => QueueType::Quorum,
+        QueueType::Quorum => QueueType::Classic,
+    };
     let declarer =
-        TestBroker::connected(classic.clone(), vec![consumer(Recorder::accepting())]).await;
+        TestBroker::connected(earlier.clone(), vec![consumer(Recorder::accepting())]).await;
     declarer.shutdown.cancel();
     declarer.broker.stopped().await;
 
-    let mut quorum = classic.clone();
-    quorum.queue_type = QueueType::Quorum;
-    let refused = TestBroker::start(quorum, vec![consumer(Recorder::accepting())]);
+    let mut now = earlier.clone();
+    now.queue_type = queue_type;
+    let refused = TestBroker::start(now, vec![consumer(Recorder::accepting())]);
     let last_error = || refused.broker.health_check().detail["lastError"].clone();
     assert_eventually!(
         last_error().is_string(),
@@ -38,9 +44,10 @@ async fn an_existing_classic_queue_is_not_redeclared_as_quorum_and_readiness_say
     assert!(!refused.broker.is_connected());
     let error = last_error();
     let error = error.as_str().expect("text");
-    let queue = namespaced(&classic.namespace, QUEUE);
+    let queue = namespaced(&earlier.namespace, QUEUE);
     assert!(error.contains(&format!("queue {queue} ")), "{error}");
-    assert!(error.contains("AMQP_QUEUE_TYPE"), "{error}");
+    assert!(error.contains("check AMQP_QUEUE_TYPE,"), "{error}");
+    assert!(error.contains("PRECONDITION_FAILED"), "{error}");
     refused.shutdown.cancel();
     refused.broker.stopped().await;
     declarer.cleanup().await;
