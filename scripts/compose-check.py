@@ -18,7 +18,9 @@ Static (always):
   * every variable set for a service is a name the service's code (its crate or `shared`) mentions,
     so a typo such as AMQP_ULR fails here instead of silently falling back to a default;
   * SQLite files live on a named volume of their own; only gateway and rabbitmq publish ports (and
-    the observability profile's tools, each its own UI).
+    the observability profile's tools, each its own UI);
+  * every service with an AMQP_URL sets AMQP_QUEUE_TYPE to `classic` or `quorum`, all the same, and
+    `classic` when the host sets nothing (compose runs one broker node).
 
 Runtime (unless --static-only): "every variable a service reads is set or has a default that works
 under compose" cannot be read off the source, so it is proven by running: the four release binaries
@@ -89,6 +91,10 @@ PUBLIC_SERVICE = "gateway"
 OBSERVABILITY_PROFILE = "observability"
 OBSERVABILITY_UI_PORTS = {"jaeger": {16686}, "prometheus": {9090}, "grafana": {3000}}
 VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+# The queue types the services accept (AMQP_QUEUE_TYPE), and the one compose's single broker node
+# keeps by default (a quorum queue on one node replicates to nobody).
+QUEUE_TYPES = {"classic", "quorum"}
+DEFAULT_QUEUE_TYPE = "classic"
 
 # Runtime budgets. Startup includes SQLite migrations and seeding; readiness includes the AMQP
 # connection and topology declaration; both take well under a second here, the margin is for a
@@ -259,6 +265,15 @@ def static_checks(compose: dict, dockerfile: str, host_env: dict[str, str], repo
                         continue
                     check(port == apps[host].port, f"{app.name}: {key} uses port {port}, {host} listens on {apps[host].port}")
                     check(app.depends_on.get(host) == "service_healthy", f"{app.name}: waits for {host} ({key}) to be healthy")
+    # One queue type for every service on the broker, classic unless the host asks otherwise.
+    on_broker = [a for a in apps.values() if "AMQP_URL" in a.env]
+    for app in on_broker:
+        value = app.env.get("AMQP_QUEUE_TYPE", "")
+        check(value.lower() in QUEUE_TYPES, f"{app.name}: AMQP_QUEUE_TYPE is one of {sorted(QUEUE_TYPES)} (is {value!r})")
+        default = environment_of(services[app.name], {}).get("AMQP_QUEUE_TYPE", "")
+        check(default == DEFAULT_QUEUE_TYPE, f"{app.name}: AMQP_QUEUE_TYPE is {DEFAULT_QUEUE_TYPE} unless the host sets it")
+    types = {a.env.get("AMQP_QUEUE_TYPE", "").lower() for a in on_broker}
+    check(len(types) <= 1, f"every service on {BROKER} declares the same queue type (has {sorted(types)})")
     return apps
 
 

@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use super::consumer::{self, ConsumerTask};
 use super::metrics::{DEAD_LETTER_POLL, MessagingMetrics};
-use super::topology::{QueueTopology, Topology};
+use super::topology::{QueueTopology, Topology, TopologyError};
 use super::{ConsumerSpec, MessagingSettings, PublishError, Publisher};
 use crate::health::CheckStatus;
 
@@ -132,7 +132,7 @@ impl Broker {
         consumers: Vec<ConsumerSpec>,
         shutdown: CancellationToken,
     ) -> Self {
-        let topology = Topology::new(&settings.namespace, settings.retry_delay, &consumers);
+        let topology = Topology::new(&settings, &consumers);
         let shared = Arc::new(Shared {
             service,
             window: Arc::new(Semaphore::new(settings.publish_window)),
@@ -249,8 +249,29 @@ async fn supervise(shared: Arc<Shared>, consumers: Vec<ConsumerSpec>) {
                 tracing::warn!(error = %reason, "lost the broker connection; reconnecting");
                 record_error(&shared, reason);
             }
+            Err(OpenError::Topology(
+                ref refused @ TopologyError::Inequivalent {
+                    ref queue,
+                    variable,
+                    ..
+                },
+            )) => {
+                failed_attempts = failed_attempts.saturating_add(1);
+                // Not ready, and retrying (with backoff) only so that deleting the old queue is
+                // enough to recover: a restart would meet the same queue.
+                tracing::error!(
+                    queue,
+                    variable,
+                    error = %refused,
+                    attempt = failed_attempts,
+                    "the broker refuses to redeclare an existing queue; not ready until it is \
+                     deleted or the setting matches it (see the README's messaging section)"
+                );
+                record_error(&shared, refused.to_string());
+            }
             Err(reason) => {
                 failed_attempts = failed_attempts.saturating_add(1);
+                let reason = reason.to_string();
                 tracing::warn!(
                     error = %reason,
                     attempt = failed_attempts,
@@ -305,6 +326,23 @@ pub(super) async fn connect(
     bounded(timeout, Connection::connect(url, properties)).await
 }
 
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The broker refused (or did not answer) a declaration.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// Connecting, opening a channel or starting a consumer failed.
+    #[error("{0}")]
+    Broker(String),
+}
+
+impl From<String> for OpenError {
+    fn from(reason: String) -> Self {
+        Self::Broker(reason)
+    }
+}
+
 /// A connection with everything running on it.
 struct Running {
     connection: Connection,
@@ -313,15 +351,11 @@ struct Running {
     stop_consumers: CancellationToken,
 }
 
-async fn open_session(shared: &Arc<Shared>, specs: &[ConsumerSpec]) -> Result<Running, String> {
+async fn open_session(shared: &Arc<Shared>, specs: &[ConsumerSpec]) -> Result<Running, OpenError> {
     let timeout = shared.settings.operation_timeout;
     let connection = connect(&shared.settings.amqp_url, shared.service, timeout).await?;
     let channel = bounded(timeout, connection.create_channel()).await?;
-    shared
-        .topology
-        .declare(&channel, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+    shared.topology.declare(&channel, timeout).await?;
     bounded(
         timeout,
         channel.confirm_select(ConfirmSelectOptions::default()),

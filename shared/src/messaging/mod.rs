@@ -33,7 +33,7 @@ use crate::events::Event;
 
 pub use broker::Broker;
 pub use publisher::Publisher;
-pub use settings::MessagingSettings;
+pub use settings::{MessagingSettings, QueueType};
 pub use topology::Topology;
 
 /// A message as handed to a [`Handler`].

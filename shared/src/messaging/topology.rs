@@ -11,6 +11,20 @@
 //!
 //! A retry goes to the consumer's own retry queue and comes back to that consumer only, never
 //! fanned out again to the other consumers of the event.
+//!
+//! Every queue is of the [`QueueType`] in `AMQP_QUEUE_TYPE`. Classic queues are declared as they
+//! always were (no `x-queue-type`, so queues made before the setting existed stay equivalent).
+//! Quorum queues add:
+//!
+//! | argument | on | why |
+//! |---|---|---|
+//! | `x-queue-type: quorum` | all three | replicated over the cluster's nodes (Raft) |
+//! | `x-dead-letter-strategy: at-least-once` | queue, retry queue | a dead-lettered or expired message leaves its queue only once the DLQ (or, for a retry, the consumer's queue) has confirmed it; classic dead-lettering is at most once |
+//! | `x-overflow: reject-publish` | queue, retry queue | at-least-once dead-lettering requires it (dropping the oldest message would lose it) |
+//! | `x-delivery-limit` | queue | a message that keeps coming back unacknowledged is dead-lettered instead of redelivered forever |
+//!
+//! With `AMQP_QUEUE_MAX_LENGTH` set, a full consumer queue refuses publishes (`reject-publish`
+//! on both types): the publisher sees a nack, and the outbox keeps the row and retries it.
 
 use std::time::Duration;
 
@@ -18,10 +32,12 @@ use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, ErrorKind, ExchangeKind};
 
 use super::ConsumerSpec;
+use super::settings::{MessagingSettings, QueueType};
 
 /// Name of the topic exchange every event is published to (before the namespace).
 pub const EVENTS_EXCHANGE: &str = "shop.events";
@@ -74,6 +90,12 @@ pub struct Topology {
     pub dead_letter_exchange: String,
     /// Time a message waits in a retry queue.
     pub retry_delay: Duration,
+    /// The kind of every queue.
+    pub queue_type: QueueType,
+    /// Returns of one message before a quorum queue dead-letters it.
+    pub delivery_limit: u32,
+    /// Messages a consumer queue holds before publishes to it are refused; `None`: unbounded.
+    pub max_length: Option<u32>,
     /// The consumer queues.
     pub queues: Vec<QueueTopology>,
 }
@@ -95,16 +117,57 @@ pub enum TopologyError {
         /// The object being declared or deleted.
         what: String,
     },
+    /// The queue exists with other arguments (406 `PRECONDITION_FAILED`): it was declared by
+    /// an earlier configuration, and the broker never changes an existing queue's arguments.
+    /// Retrying cannot help until the queue is deleted (see the README's messaging section).
+    #[error(
+        "queue {queue} was created with other arguments than declared now \
+         (AMQP_QUEUE_TYPE={queue_type}); check {variable}, then drain and delete the queue or \
+         use a new virtual host. The broker says: {reason}"
+    )]
+    Inequivalent {
+        /// The queue the broker refused.
+        queue: String,
+        /// The queue type declared now.
+        queue_type: QueueType,
+        /// The setting whose value the existing queue contradicts (`AMQP_QUEUE_TYPE`, ...).
+        variable: &'static str,
+        /// The broker's explanation.
+        reason: String,
+    },
+}
+
+/// The setting behind the queue argument the broker called inequivalent in `reason`, for an
+/// error an operator can act on. Quorum queues carry arguments classic ones lack, so a mismatch on
+/// one of those with nothing on the other side (`none`) means the queue type changed.
+fn variable_of(reason: &str, has_max_length: bool) -> &'static str {
+    let on = |argument: &str| reason.contains(&format!("'{argument}'"));
+    let absent_on_one_side = reason.contains("none");
+    if on("x-message-ttl") {
+        "AMQP_RETRY_DELAY_MS"
+    } else if on("x-max-length") {
+        "AMQP_QUEUE_MAX_LENGTH"
+    } else if on("x-delivery-limit") && !absent_on_one_side {
+        "AMQP_DELIVERY_LIMIT"
+    } else if on("x-overflow") && has_max_length {
+        "AMQP_QUEUE_TYPE or AMQP_QUEUE_MAX_LENGTH"
+    } else {
+        "AMQP_QUEUE_TYPE"
+    }
 }
 
 impl Topology {
-    /// The topology for `consumers` in `namespace`, with retry queues holding messages for
-    /// `retry_delay`.
-    pub fn new(namespace: &str, retry_delay: Duration, consumers: &[ConsumerSpec]) -> Self {
+    /// The topology for `consumers` in the settings' namespace, with queues of the settings'
+    /// type and retry queues holding messages for the settings' `retry_delay`.
+    pub fn new(settings: &MessagingSettings, consumers: &[ConsumerSpec]) -> Self {
+        let namespace = settings.namespace.as_str();
         Self {
             exchange: namespaced(namespace, EVENTS_EXCHANGE),
             dead_letter_exchange: namespaced(namespace, DEAD_LETTER_EXCHANGE),
-            retry_delay,
+            retry_delay: settings.retry_delay,
+            queue_type: settings.queue_type,
+            delivery_limit: settings.delivery_limit,
+            max_length: settings.max_length,
             queues: consumers
                 .iter()
                 .map(|c| {
@@ -117,8 +180,9 @@ impl Topology {
 
     /// Declares everything; declaring what already exists with the same arguments is a no-op.
     ///
-    /// Queue arguments cannot change once a queue exists: a different `retry_delay` makes the
-    /// broker refuse the retry queue (406) until the old one is deleted.
+    /// Queue arguments cannot change once a queue exists: another queue type or `retry_delay`
+    /// makes the broker refuse the queue (406, [`TopologyError::Inequivalent`]) until the old
+    /// one is deleted.
     ///
     /// # Errors
     /// [`TopologyError`] when the broker refuses a declaration or does not answer in `timeout`.
@@ -163,13 +227,13 @@ impl Topology {
         queue: &QueueTopology,
         timeout: Duration,
     ) -> Result<(), TopologyError> {
-        let mut main_args = FieldTable::default();
+        let mut main_args = self.arguments(Role::Consumer);
         main_args.insert(
             "x-dead-letter-exchange".into(),
             text(&self.dead_letter_exchange),
         );
         main_args.insert("x-dead-letter-routing-key".into(), text(&queue.queue));
-        declare_queue(channel, &queue.queue, main_args, timeout).await?;
+        declare_queue(channel, &queue.queue, main_args, self.queue_type, timeout).await?;
         for event_type in &queue.event_types {
             bind(channel, &queue.queue, &self.exchange, event_type, timeout).await?;
         }
@@ -177,7 +241,8 @@ impl Topology {
         declare_queue(
             channel,
             &queue.dead_letter_queue,
-            FieldTable::default(),
+            self.arguments(Role::DeadLetters),
+            self.queue_type,
             timeout,
         )
         .await?;
@@ -190,14 +255,51 @@ impl Topology {
         )
         .await?;
 
-        let mut retry_args = FieldTable::default();
+        let mut retry_args = self.arguments(Role::Retry);
         let ttl = i64::try_from(self.retry_delay.as_millis()).unwrap_or(i64::MAX);
         retry_args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         // The default exchange ("") routes by queue name, so an expired retry goes back to this
         // consumer's queue only.
         retry_args.insert("x-dead-letter-exchange".into(), text(""));
         retry_args.insert("x-dead-letter-routing-key".into(), text(&queue.queue));
-        declare_queue(channel, &queue.retry_queue, retry_args, timeout).await
+        declare_queue(
+            channel,
+            &queue.retry_queue,
+            retry_args,
+            self.queue_type,
+            timeout,
+        )
+        .await
+    }
+
+    /// The arguments that follow from the queue type and the length bound, for a queue in
+    /// `role`; the caller adds its dead-letter target and TTL.
+    fn arguments(&self, role: Role) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert("x-queue-type".into(), text(QueueType::Quorum.as_str()));
+            if role != Role::DeadLetters {
+                arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+                arguments.insert("x-overflow".into(), text("reject-publish"));
+            }
+            // Only the consumer's queue: `dlq list` reads dead letters unacknowledged and hands
+            // them back, which a quorum queue counts as returns, so a limit on the DLQ would
+            // dead-letter its letters into nowhere after a few looks.
+            if role == Role::Consumer {
+                let limit = i64::from(self.delivery_limit);
+                arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+            }
+        }
+        if let (Some(max_length), Role::Consumer) = (self.max_length, role) {
+            arguments.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::from(max_length)),
+            );
+            // The classic default, `drop-head`, would discard the oldest message to make room:
+            // refusing the new one instead lets its publisher keep it (the outbox retries).
+            arguments.insert("x-overflow".into(), text("reject-publish"));
+        }
+        arguments
     }
 
     /// Deletes every queue and exchange of this topology (test cleanup), whatever they hold.
@@ -228,6 +330,17 @@ impl Topology {
     }
 }
 
+/// What a queue is for, which decides the arguments it gets beyond its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A consumer's queue: dead-letters to its DLQ, bounded by the delivery limit.
+    Consumer,
+    /// A retry queue: expires messages back into the consumer's queue.
+    Retry,
+    /// A DLQ: only holds messages for a human.
+    DeadLetters,
+}
+
 fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
@@ -236,9 +349,11 @@ async fn declare_queue(
     channel: &Channel,
     name: &str,
     arguments: FieldTable,
+    queue_type: QueueType,
     timeout: Duration,
 ) -> Result<(), TopologyError> {
-    bounded(&format!("queue {name}"), timeout, async {
+    let has_max_length = arguments.inner().contains_key("x-max-length");
+    let declared = bounded(&format!("queue {name}"), timeout, async {
         channel
             .queue_declare(
                 ShortString::from(name),
@@ -248,7 +363,30 @@ async fn declare_queue(
             .await
             .map(drop)
     })
-    .await
+    .await;
+    match declared {
+        Err(TopologyError::Broker { source, .. }) if is_precondition_failed(&source) => {
+            let reason = match source.kind() {
+                ErrorKind::ProtocolError(error) => error.get_message().to_string(),
+                _ => source.to_string(),
+            };
+            Err(TopologyError::Inequivalent {
+                queue: name.to_owned(),
+                queue_type,
+                variable: variable_of(&reason, has_max_length),
+                reason,
+            })
+        }
+        other => other,
+    }
+}
+
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ProtocolError(error)
+            if matches!(error.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+    )
 }
 
 async fn bind(
@@ -305,5 +443,21 @@ mod tests {
         let queue = QueueTopology::new("t-abc", "inventory.order-events", vec![]);
         assert_eq!(queue.queue, "t-abc.inventory.order-events");
         assert_eq!(queue.retry_queue, "t-abc.inventory.order-events.retry");
+    }
+
+    #[test]
+    fn an_inequivalent_argument_names_the_setting_behind_it() {
+        let reason = "PRECONDITION_FAILED - inequivalent arg 'x-overflow' for queue 'q' in vhost \
+                      '/': received the value 'reject-publish' of type 'longstr' but current is none";
+        assert_eq!(variable_of(reason, false), "AMQP_QUEUE_TYPE");
+        assert_eq!(
+            variable_of(reason, true),
+            "AMQP_QUEUE_TYPE or AMQP_QUEUE_MAX_LENGTH"
+        );
+        let reason = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in \
+                      vhost '/': received the value '5' of type 'long' but current is '20'";
+        assert_eq!(variable_of(reason, false), "AMQP_DELIVERY_LIMIT");
+        let reason = "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q.retry'";
+        assert_eq!(variable_of(reason, false), "AMQP_RETRY_DELAY_MS");
     }
 }

@@ -7,12 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::future::BoxFuture;
 use shared::db::{self, Database};
 use shared::inbox;
+use shared::messaging::QueueType;
 use shared::messaging::{Handler, HandlerError, IncomingMessage, OutgoingMessage};
 use shared::metrics::Metrics;
 use sqlx::Row;
 
 use crate::assert_eventually;
 use crate::helpers::{TestBroker, consumer, deliveries, price_changed, settings};
+use crate::on_both_queue_types;
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "inbox", inbox::MIGRATION),
@@ -51,8 +53,8 @@ impl Handler for Idempotent {
     }
 }
 
-#[tokio::test]
-async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
+on_both_queue_types!(a_duplicate_delivery_of_the_same_message_id_has_one_effect);
+async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect(queue_type: QueueType) {
     let database = db::connect("sqlite::memory:", MIGRATIONS)
         .await
         .expect("opens");
@@ -60,7 +62,7 @@ async fn a_duplicate_delivery_of_the_same_message_id_has_one_effect() {
         db: database.clone(),
         deliveries: AtomicUsize::new(0),
     });
-    let test = TestBroker::connected(settings(), vec![consumer(handler.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(handler.clone())]).await;
     let metrics = Metrics::new("test");
     test.broker.register_metrics(&metrics);
     let message = OutgoingMessage::new(&price_changed("MG-07")).expect("serialises");

@@ -3,15 +3,19 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use shared::messaging::QueueType;
 use shared::messaging::{HandlerError, OutgoingMessage, dlq};
 
 use crate::assert_eventually;
 use crate::helpers::{QUEUE, Recorder, TestBroker, consumer, price_changed, publish_raw, settings};
+use crate::on_both_queue_types;
 
-#[tokio::test]
-async fn a_malformed_body_goes_straight_to_the_dlq_without_reaching_the_handler() {
+on_both_queue_types!(a_malformed_body_goes_straight_to_the_dlq_without_reaching_the_handler);
+async fn a_malformed_body_goes_straight_to_the_dlq_without_reaching_the_handler(
+    queue_type: QueueType,
+) {
     let recorder = Recorder::accepting();
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
 
     publish_raw(&test.settings, "price.changed", b"this is not an envelope").await;
 
@@ -35,8 +39,8 @@ async fn a_malformed_body_goes_straight_to_the_dlq_without_reaching_the_handler(
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_redriven_message_is_processed_once_the_handler_is_fixed() {
+on_both_queue_types!(a_redriven_message_is_processed_once_the_handler_is_fixed);
+async fn a_redriven_message_is_processed_once_the_handler_is_fixed(queue_type: QueueType) {
     let broken = Arc::new(AtomicBool::new(true));
     let flag = broken.clone();
     let recorder = Recorder::with(move |_| {
@@ -46,7 +50,7 @@ async fn a_redriven_message_is_processed_once_the_handler_is_fixed() {
             Ok(())
         }
     });
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let message = OutgoingMessage::new(&price_changed("BK-12")).expect("serialises");
     test.broker
         .publisher()

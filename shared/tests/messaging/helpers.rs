@@ -14,7 +14,7 @@ use shared::correlation;
 use shared::events::PriceChanged;
 use shared::messaging::topology::{EVENTS_EXCHANGE, namespaced};
 use shared::messaging::{
-    Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, MessagingSettings,
+    Broker, ConsumerSpec, Handler, HandlerError, IncomingMessage, MessagingSettings, QueueType,
 };
 use shared::money::Money;
 use tokio::net::{TcpListener, TcpStream};
@@ -46,11 +46,36 @@ pub fn amqp_url() -> String {
     Env::from_process().string_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 }
 
-/// Settings for a fresh namespace, with short delays so retries and timeouts stay quick.
-pub fn settings() -> MessagingSettings {
+/// Defines the async test function `$name(queue_type: QueueType)` as two tests,
+/// `$name::on_classic_queues` and `$name::on_quorum_queues`, so every messaging test runs against
+/// both kinds of queue without being written twice (each run has its own namespace, so the two
+/// run in parallel).
+#[macro_export]
+macro_rules! on_both_queue_types {
+    ($name:ident) => {
+        mod $name {
+            use shared::messaging::QueueType;
+
+            #[tokio::test]
+            async fn on_classic_queues() {
+                super::$name(QueueType::Classic).await;
+            }
+
+            #[tokio::test]
+            async fn on_quorum_queues() {
+                super::$name(QueueType::Quorum).await;
+            }
+        }
+    };
+}
+
+/// Settings for a fresh namespace with queues of `queue_type`, with short delays so retries and
+/// timeouts stay quick.
+pub fn settings(queue_type: QueueType) -> MessagingSettings {
     let mut settings = MessagingSettings::new(amqp_url(), format!("t-{}", uuid::Uuid::new_v4()));
     settings.retry_delay = Duration::from_millis(50);
     settings.operation_timeout = Duration::from_secs(2);
+    settings.queue_type = queue_type;
     settings
 }
 

@@ -6,6 +6,7 @@ mod dlq;
 mod helpers;
 mod outbox;
 mod publish;
+mod queue_types;
 mod reconnect;
 mod retries;
 mod traces;

@@ -1,17 +1,19 @@
 //! The outbox relay publishes committed rows in order and marks them sent.
 
 use shared::events::PriceChanged;
+use shared::messaging::QueueType;
 use shared::outbox::{self, OutboxRelay};
 use tokio_util::sync::CancellationToken;
 
 use crate::assert_eventually;
 use crate::helpers::{Recorder, TestBroker, consumer, outbox_database, price_changed, settings};
+use crate::on_both_queue_types;
 
-#[tokio::test]
-async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent() {
+on_both_queue_types!(the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent);
+async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent(queue_type: QueueType) {
     let database = outbox_database().await;
     let recorder = Recorder::accepting();
-    let mut settings = settings();
+    let mut settings = settings(queue_type);
     // One message at a time, so handling order shows publishing order.
     settings.prefetch = 1;
     let test = TestBroker::connected(settings, vec![consumer(recorder.clone())]).await;

@@ -5,15 +5,17 @@ use std::time::{Duration, Instant};
 use shared::correlation::{self, CorrelationId};
 use shared::deadline::{self, Deadline};
 use shared::events::PriceChanged;
+use shared::messaging::QueueType;
 use shared::messaging::{OutgoingMessage, PublishError};
 
 use crate::assert_eventually;
 use crate::helpers::{Recorder, TestBroker, consumer, price_changed, settings};
+use crate::on_both_queue_types;
 
-#[tokio::test]
-async fn a_published_event_is_consumed_with_its_correlation_id_restored() {
+on_both_queue_types!(a_published_event_is_consumed_with_its_correlation_id_restored);
+async fn a_published_event_is_consumed_with_its_correlation_id_restored(queue_type: QueueType) {
     let recorder = Recorder::accepting();
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let publisher = test.broker.publisher();
 
     let id = CorrelationId::parse("corr-publish-1").expect("valid");
@@ -39,9 +41,9 @@ async fn a_published_event_is_consumed_with_its_correlation_id_restored() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn an_event_that_no_queue_is_bound_for_is_reported_unroutable() {
-    let test = TestBroker::connected(settings(), vec![]).await;
+on_both_queue_types!(an_event_that_no_queue_is_bound_for_is_reported_unroutable);
+async fn an_event_that_no_queue_is_bound_for_is_reported_unroutable(queue_type: QueueType) {
+    let test = TestBroker::connected(settings(queue_type), vec![]).await;
     let message = OutgoingMessage::new(&price_changed("MG-07")).expect("serialises");
 
     let result = test.broker.publisher().publish(message).await;
@@ -53,11 +55,11 @@ async fn an_event_that_no_queue_is_bound_for_is_reported_unroutable() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_batch_of_2000_events_is_all_confirmed_quickly() {
+on_both_queue_types!(a_batch_of_2000_events_is_all_confirmed_quickly);
+async fn a_batch_of_2000_events_is_all_confirmed_quickly(queue_type: QueueType) {
     // The queue is declared by one broker client that then stops, so nothing consumes while the
     // rate is measured; the other client only publishes.
-    let settings = settings();
+    let settings = settings(queue_type);
     let declarer =
         TestBroker::connected(settings.clone(), vec![consumer(Recorder::accepting())]).await;
     declarer.shutdown.cancel();

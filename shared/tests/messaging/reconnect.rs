@@ -1,15 +1,17 @@
 //! The supervisor rebuilds the connection by itself after it is cut, and waits for a broker that
 //! is not there yet instead of failing.
 
+use shared::messaging::QueueType;
 use shared::messaging::{OutgoingMessage, PublishError};
 
 use crate::assert_eventually;
 use crate::helpers::{Proxy, Recorder, TestBroker, consumer, price_changed, settings};
+use crate::on_both_queue_types;
 
-#[tokio::test]
-async fn a_cut_connection_is_rebuilt_and_consumers_resume() {
+on_both_queue_types!(a_cut_connection_is_rebuilt_and_consumers_resume);
+async fn a_cut_connection_is_rebuilt_and_consumers_resume(queue_type: QueueType) {
     let proxy = Proxy::start().await;
-    let mut settings = settings();
+    let mut settings = settings(queue_type);
     settings.amqp_url = proxy.amqp_url();
     let recorder = Recorder::accepting();
     let test = TestBroker::connected(settings, vec![consumer(recorder.clone())]).await;
@@ -62,11 +64,11 @@ async fn a_cut_connection_is_rebuilt_and_consumers_resume() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn startup_waits_for_an_absent_broker_and_connects_when_it_appears() {
+on_both_queue_types!(startup_waits_for_an_absent_broker_and_connects_when_it_appears);
+async fn startup_waits_for_an_absent_broker_and_connects_when_it_appears(queue_type: QueueType) {
     let proxy = Proxy::start().await;
     proxy.sever();
-    let mut settings = settings();
+    let mut settings = settings(queue_type);
     settings.amqp_url = proxy.amqp_url();
     let test = TestBroker::start(settings, vec![consumer(Recorder::accepting())]);
 
@@ -82,9 +84,10 @@ async fn startup_waits_for_an_absent_broker_and_connects_when_it_appears() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn shutdown_closes_the_connection_and_turns_readiness_off() {
-    let test = TestBroker::connected(settings(), vec![consumer(Recorder::accepting())]).await;
+on_both_queue_types!(shutdown_closes_the_connection_and_turns_readiness_off);
+async fn shutdown_closes_the_connection_and_turns_readiness_off(queue_type: QueueType) {
+    let test =
+        TestBroker::connected(settings(queue_type), vec![consumer(Recorder::accepting())]).await;
 
     test.shutdown.cancel();
 

@@ -1,6 +1,7 @@
 //! Transient failures are retried through the retry queue; permanent ones go to the DLQ.
 
 use shared::correlation::{self, CorrelationId};
+use shared::messaging::QueueType;
 use shared::messaging::{HandlerError, OutgoingMessage, dlq};
 use shared::metrics::Metrics;
 
@@ -8,11 +9,12 @@ use crate::assert_eventually;
 use crate::helpers::{
     QUEUE, Recorder, TestBroker, consumer, deliveries, failing_first, price_changed, settings,
 };
+use crate::on_both_queue_types;
 
-#[tokio::test]
-async fn a_handler_failing_twice_is_retried_and_the_message_processed_once() {
+on_both_queue_types!(a_handler_failing_twice_is_retried_and_the_message_processed_once);
+async fn a_handler_failing_twice_is_retried_and_the_message_processed_once(queue_type: QueueType) {
     let recorder = Recorder::with(failing_first(2));
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let metrics = Metrics::new("test");
     test.broker.register_metrics(&metrics);
     let message = OutgoingMessage::new(&price_changed("TS-33")).expect("serialises");
@@ -41,10 +43,10 @@ async fn a_handler_failing_twice_is_retried_and_the_message_processed_once() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers() {
+on_both_queue_types!(an_always_failing_handler_ends_in_the_dlq_with_its_headers);
+async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers(queue_type: QueueType) {
     let recorder = Recorder::with(|_| Err(HandlerError::Transient("always".to_owned())));
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let id = CorrelationId::parse("corr-doomed").expect("valid");
     let message = correlation::scope(id, async {
         OutgoingMessage::new(&price_changed("HD-44")).expect("serialises")
@@ -97,10 +99,10 @@ async fn an_always_failing_handler_ends_in_the_dlq_with_its_headers() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_permanent_failure_goes_to_the_dlq_without_retries() {
+on_both_queue_types!(a_permanent_failure_goes_to_the_dlq_without_retries);
+async fn a_permanent_failure_goes_to_the_dlq_without_retries(queue_type: QueueType) {
     let recorder = Recorder::with(|_| Err(HandlerError::Permanent("invalid".to_owned())));
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let metrics = Metrics::new("test");
     test.broker.register_metrics(&metrics);
     let message = OutgoingMessage::new(&price_changed("ST-01")).expect("serialises");

@@ -4,6 +4,7 @@
 use opentelemetry::trace::{SpanId, SpanKind, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use shared::messaging::OutgoingMessage;
+use shared::messaging::QueueType;
 use shared::metrics::Metrics;
 use shared::outbox::{self, OutboxRelay};
 use shared::telemetry::{CapturedLogs, LogFormat, TelemetrySettings, get_tracing_subscriber};
@@ -12,6 +13,7 @@ use tracing::Instrument;
 
 use crate::assert_eventually;
 use crate::helpers::{Recorder, TestBroker, consumer, outbox_database, price_changed, settings};
+use crate::on_both_queue_types;
 
 /// Spans exported in memory, each as it ends.
 fn capture() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
@@ -45,11 +47,13 @@ fn metric_line<'a>(rendered: &'a str, prefix: &str) -> Option<&'a str> {
     rendered.lines().find(|line| line.starts_with(prefix))
 }
 
-#[tokio::test]
-async fn a_consumed_message_is_a_child_of_its_publish_span_and_both_are_counted() {
+on_both_queue_types!(a_consumed_message_is_a_child_of_its_publish_span_and_both_are_counted);
+async fn a_consumed_message_is_a_child_of_its_publish_span_and_both_are_counted(
+    queue_type: QueueType,
+) {
     let (exporter, _guard) = capture();
     let recorder = Recorder::accepting();
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let metrics = Metrics::new("pricing");
     test.broker.register_metrics(&metrics);
 
@@ -121,13 +125,16 @@ async fn a_consumed_message_is_a_child_of_its_publish_span_and_both_are_counted(
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_request_that_stored_it()
- {
+on_both_queue_types!(
+    an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_request_that_stored_it
+);
+async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_request_that_stored_it(
+    queue_type: QueueType,
+) {
     let (exporter, _guard) = capture();
     let database = outbox_database().await;
     let recorder = Recorder::accepting();
-    let test = TestBroker::connected(settings(), vec![consumer(recorder.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(recorder.clone())]).await;
     let relay = OutboxRelay::new(database.clone(), test.broker.publisher());
     let metrics = Metrics::new("pricing");
     relay.register_metrics(&metrics);
