@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::assert_eventually;
 use crate::helpers::{QUEUE, TestBroker, consumer, deliveries, price_changed, settings};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "inbox", inbox::MIGRATION),
     (
         2,
@@ -35,11 +35,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 const POISON: &str = "POISON";
 
 /// The SKU whose message holds the consumer until the test opens the gate.
-const GATE: &str = "GATE";
+pub const GATE: &str = "GATE";
 
 /// Applies `price.changed` as an effects row plus an inbox row, one message or a whole batch per
 /// transaction; refuses [`POISON`] for good.
-struct Ledger {
+pub struct Ledger {
     db: Database,
     gate: watch::Receiver<bool>,
     /// The size of every batch offered to `handle_batch`, and how many messages `handle` saw.
@@ -48,7 +48,7 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn new(db: Database, gate: watch::Receiver<bool>) -> Arc<Self> {
+    pub fn new(db: Database, gate: watch::Receiver<bool>) -> Arc<Self> {
         Arc::new(Self {
             db,
             gate,
@@ -124,7 +124,7 @@ async fn effects(db: &Database) -> HashMap<String, i64> {
 }
 
 /// Messages of the test queue not yet sent to a consumer.
-async fn ready(settings: &MessagingSettings) -> u32 {
+pub async fn ready(settings: &MessagingSettings) -> u32 {
     let connection = Connection::connect(&settings.amqp_url, ConnectionProperties::default())
         .await
         .expect("connects");
