@@ -8,14 +8,20 @@
 //!
 //! Sent rows are kept for an hour (so an operator can see what went out, and when) and then
 //! pruned, which keeps the table small.
+//!
+//! Writing a row ([`enqueue`]) happens inside the service's own transaction; the relay reaches
+//! the table only through [`OutboxStorage`], so another database backend adds an implementation
+//! beside [`SqliteOutbox`] and keeps the relay.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
+use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -23,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::correlation::{self, CorrelationId};
-use crate::db::Database;
+use crate::db::{Database, DatabaseError};
 use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
 use crate::trace_context;
@@ -70,7 +76,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest delay between failed rounds: the backlog goes out within seconds of the broker's return.
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How long sent rows are kept for inspection before they are pruned.
-const KEEP_SENT: &str = "-1 hour";
+const KEEP_SENT: Duration = Duration::from_secs(3600);
 /// How often sent rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -128,10 +134,150 @@ pub async fn pending(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
 /// once a second is finer than any scrape interval and costs one indexed query.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
+/// An unsent outbox row as the relay reads it.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    /// The row's position in the outbox (rows are published in this order).
+    pub id: i64,
+    /// The message to publish.
+    pub message: OutgoingMessage,
+}
+
+/// The unsent part of an outbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BacklogSize {
+    /// Rows not yet confirmed by the broker.
+    pub pending: i64,
+    /// Age of the oldest of them in seconds (0 when none).
+    pub oldest_age_secs: f64,
+}
+
+/// The relay's access to an outbox table: one implementation per database backend
+/// ([`SqliteOutbox`] here), while the relay's flow (rounds in order, only the confirmed prefix
+/// marked sent, backoff, the pruning schedule) stays in [`OutboxRelay`], above this trait.
+pub trait OutboxStorage: std::fmt::Debug + Send + Sync + 'static {
+    /// Up to `limit` unsent rows, oldest first.
+    ///
+    /// # Errors
+    /// Database failure, or a row that does not decode.
+    fn unsent(&self, limit: i64) -> BoxFuture<'_, Result<Vec<PendingRow>, DatabaseError>>;
+    /// Marks the rows `ids` sent, all in one statement.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn mark_sent<'a>(&'a self, ids: &'a [i64]) -> BoxFuture<'a, Result<(), DatabaseError>>;
+    /// How many rows are unsent and how old the oldest is.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn backlog(&self) -> BoxFuture<'_, Result<BacklogSize, DatabaseError>>;
+    /// Deletes rows sent more than `keep` ago.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>>;
+}
+
+/// [`OutboxStorage`] on a SQLite [`Database`]: reads from its pool, writes on its write
+/// connection.
+#[derive(Debug, Clone)]
+pub struct SqliteOutbox {
+    db: Database,
+}
+
+impl SqliteOutbox {
+    /// The outbox table of `db`.
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+}
+
+fn undecodable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatabaseError {
+    DatabaseError::new(error, false)
+}
+
+fn pending_row(row: &SqliteRow) -> Result<PendingRow, DatabaseError> {
+    let message_id: String = row.try_get("message_id")?;
+    let data: String = row.try_get("data")?;
+    Ok(PendingRow {
+        id: row.try_get("id")?,
+        message: OutgoingMessage {
+            message_id: Uuid::parse_str(&message_id).map_err(undecodable)?,
+            event_type: row.try_get("event_type")?,
+            version: u32::try_from(row.try_get::<i64, _>("version")?).map_err(undecodable)?,
+            correlation_id: row.try_get("correlation_id")?,
+            data: Bytes::from(data),
+            trace: trace_context::from_text(
+                row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
+                row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
+            ),
+        },
+    })
+}
+
+impl OutboxStorage for SqliteOutbox {
+    fn unsent(&self, limit: i64) -> BoxFuture<'_, Result<Vec<PendingRow>, DatabaseError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT id, message_id, event_type, version, correlation_id, data, traceparent, \
+                 tracestate FROM outbox \
+                 WHERE sent_at IS NULL ORDER BY id LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(self.db.pool())
+            .await?;
+            rows.iter().map(pending_row).collect()
+        })
+    }
+
+    fn mark_sent<'a>(&'a self, ids: &'a [i64]) -> BoxFuture<'a, Result<(), DatabaseError>> {
+        Box::pin(async move {
+            let ids = serde_json::to_string(ids).map_err(undecodable)?;
+            sqlx::query(
+                "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+                 WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(ids)
+            .execute(&mut *self.db.writer().await?)
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<BacklogSize, DatabaseError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT count(*) AS n, \
+                 coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) AS age \
+                 FROM outbox WHERE sent_at IS NULL",
+            )
+            .fetch_one(self.db.pool())
+            .await?;
+            Ok(BacklogSize {
+                pending: row.try_get("n")?,
+                oldest_age_secs: row.try_get::<f64, _>("age")?.max(0.0),
+            })
+        })
+    }
+
+    fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "DELETE FROM outbox WHERE sent_at IS NOT NULL \
+                 AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
+            )
+            .bind(format!("-{} seconds", keep.as_secs()))
+            .execute(&mut *self.db.writer().await?)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
 /// Publishes pending outbox rows in order, marking them sent after the confirm.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
-    db: Database,
+    storage: Arc<dyn OutboxStorage>,
     publisher: Publisher,
     wake: Arc<Notify>,
     backlog: Backlog,
@@ -157,8 +303,13 @@ enum Round {
 impl OutboxRelay {
     /// A relay over `db`'s outbox publishing through `publisher`.
     pub fn new(db: Database, publisher: Publisher) -> Self {
+        Self::with_storage(Arc::new(SqliteOutbox::new(db)), publisher)
+    }
+
+    /// A relay over the outbox in `storage` (any backend) publishing through `publisher`.
+    pub fn with_storage(storage: Arc<dyn OutboxStorage>, publisher: Publisher) -> Self {
         Self {
-            db,
+            storage,
             publisher,
             wake: Arc::new(Notify::new()),
             backlog: Backlog::default(),
@@ -182,18 +333,10 @@ impl OutboxRelay {
     }
 
     /// Reads the backlog into the gauges.
-    async fn measure(&self) -> Result<(), sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT count(*) AS n, \
-             coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) AS age \
-             FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(self.db.pool())
-        .await?;
-        self.backlog.pending.set(row.try_get("n")?);
-        self.backlog
-            .oldest_age
-            .set(row.try_get::<f64, _>("age")?.max(0.0));
+    async fn measure(&self) -> Result<(), DatabaseError> {
+        let backlog = self.storage.backlog().await?;
+        self.backlog.pending.set(backlog.pending);
+        self.backlog.oldest_age.set(backlog.oldest_age_secs);
         Ok(())
     }
 
@@ -266,39 +409,14 @@ impl OutboxRelay {
     }
 
     /// Publishes one batch and marks the confirmed prefix sent.
-    async fn round(&self) -> Result<Round, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id, message_id, event_type, version, correlation_id, data, traceparent, \
-             tracestate FROM outbox \
-             WHERE sent_at IS NULL ORDER BY id LIMIT ?",
-        )
-        .bind(BATCH_SIZE)
-        .fetch_all(self.db.pool())
-        .await?;
+    async fn round(&self) -> Result<Round, DatabaseError> {
+        let rows = self.storage.unsent(BATCH_SIZE).await?;
         if rows.is_empty() {
             return Ok(Round::Idle);
         }
         let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= BATCH_SIZE;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in &rows {
-            ids.push(row.try_get::<i64, _>("id")?);
-            let message_id: String = row.try_get("message_id")?;
-            let data: String = row.try_get("data")?;
-            messages.push(OutgoingMessage {
-                message_id: Uuid::parse_str(&message_id)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                event_type: row.try_get("event_type")?,
-                version: u32::try_from(row.try_get::<i64, _>("version")?)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                correlation_id: row.try_get("correlation_id")?,
-                data: Bytes::from(data),
-                trace: trace_context::from_text(
-                    row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
-                    row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
-                ),
-            });
-        }
+        let (ids, messages): (Vec<i64>, Vec<OutgoingMessage>) =
+            rows.into_iter().map(|row| (row.id, row.message)).unzip();
         // The publish log lines carry the first row's correlation ID; each message carries its own.
         let id = messages
             .first()
@@ -308,17 +426,10 @@ impl OutboxRelay {
         let results = correlation::scope(id, self.publisher.publish_batch(messages)).await;
         // Only the prefix up to the first failure is marked sent, so rows go out in order; a later
         // row that did get through is sent again next round and deduplicated by its consumer.
+        // Every row whose confirm arrived is marked in one statement.
         let confirmed = results.iter().take_while(|r| r.is_ok()).count();
         if confirmed > 0 {
-            let sent = serde_json::to_string(&ids[..confirmed])
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            sqlx::query(
-                "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-                 WHERE id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(sent)
-            .execute(&mut *self.db.writer().await?)
-            .await?;
+            self.storage.mark_sent(&ids[..confirmed]).await?;
         }
         match results.into_iter().find_map(Result::err) {
             Some(error) => Ok(Round::Failed(error.to_string())),
@@ -326,15 +437,8 @@ impl OutboxRelay {
         }
     }
 
-    async fn prune(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "DELETE FROM outbox WHERE sent_at IS NOT NULL \
-             AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
-        )
-        .bind(KEEP_SENT)
-        .execute(&mut *self.db.writer().await?)
-        .await?;
-        Ok(())
+    async fn prune(&self) -> Result<(), DatabaseError> {
+        self.storage.prune_sent(KEEP_SENT).await
     }
 }
 
@@ -382,6 +486,53 @@ mod tests {
         let data: PriceChanged =
             serde_json::from_str(&row.get::<String, _>("data")).expect("payload");
         assert_eq!(data, event);
+    }
+
+    #[tokio::test]
+    async fn sent_rows_leave_the_backlog_and_are_pruned_only_once_old() {
+        let database = db::connect(
+            "sqlite::memory:",
+            &[
+                (1, "outbox", MIGRATION),
+                (2, "outbox trace context", TRACE_CONTEXT_MIGRATION),
+            ],
+        )
+        .await
+        .expect("opens");
+        let mut tx = database.begin_write().await.expect("begins");
+        for sku in ["MG-07", "BK-12", "HD-44"] {
+            let event = PriceChanged {
+                sku: sku.to_owned(),
+                price: Money(1250),
+                currency: "EUR".to_owned(),
+            };
+            enqueue(&mut tx, &event).await.expect("enqueues");
+        }
+        tx.commit().await.expect("commits");
+        let storage = SqliteOutbox::new(database.clone());
+
+        let unsent = storage.unsent(BATCH_SIZE).await.expect("reads");
+        let ids: Vec<i64> = unsent.iter().map(|row| row.id).collect();
+        assert_eq!(unsent.len(), 3);
+        assert!(ids.is_sorted(), "oldest first");
+        storage.mark_sent(&ids[..2]).await.expect("marks");
+        assert_eq!(storage.backlog().await.expect("reads").pending, 1);
+        sqlx::query("UPDATE outbox SET sent_at = '2000-01-01T00:00:00.000Z' WHERE id = ?")
+            .bind(ids[0])
+            .execute(&mut *database.writer().await.expect("writer"))
+            .await
+            .expect("ages a row");
+
+        storage.prune_sent(KEEP_SENT).await.expect("prunes");
+
+        let left: Vec<i64> = sqlx::query("SELECT id FROM outbox ORDER BY id")
+            .fetch_all(database.pool())
+            .await
+            .expect("reads")
+            .iter()
+            .map(|row| row.get("id"))
+            .collect();
+        assert_eq!(left, ids[1..], "only the row sent long ago is pruned");
     }
 
     #[test]
