@@ -11,6 +11,7 @@ use shared::correlation::{self, CorrelationId};
 use shared::db::{self, Database, WriteTransaction};
 use shared::events::PriceChanged;
 use shared::inbox;
+use shared::messaging::QueueType;
 use shared::messaging::topology::namespaced;
 use shared::messaging::{
     Handler, HandlerError, HandlerFuture, IncomingMessage, MessagingSettings, OutgoingMessage, dlq,
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::assert_eventually;
 use crate::helpers::{QUEUE, TestBroker, consumer, deliveries, price_changed, settings};
+use crate::on_both_queue_types;
 
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "inbox", inbox::MIGRATION),
@@ -159,14 +161,18 @@ fn batch_sizes(metrics: &Metrics) -> (u64, f64) {
     (count as u64, value("messaging_batch_size_sum{"))
 }
 
-#[tokio::test]
-async fn a_poison_message_in_a_batch_is_dead_lettered_alone_and_the_rest_are_applied_once() {
+on_both_queue_types!(
+    a_poison_message_in_a_batch_is_dead_lettered_alone_and_the_rest_are_applied_once
+);
+async fn a_poison_message_in_a_batch_is_dead_lettered_alone_and_the_rest_are_applied_once(
+    queue_type: QueueType,
+) {
     let db = db::connect("sqlite::memory:", MIGRATIONS)
         .await
         .expect("opens");
     let (open, gate) = watch::channel(false);
     let ledger = Ledger::new(db.clone(), gate);
-    let mut settings = settings();
+    let mut settings = settings(queue_type);
     // Batches of up to 8: room for the gate's delivery and the whole batch behind it.
     settings.prefetch = 16;
     let test = TestBroker::connected(settings, vec![consumer(ledger.clone())]).await;
@@ -248,14 +254,14 @@ async fn a_poison_message_in_a_batch_is_dead_lettered_alone_and_the_rest_are_app
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_lone_delivery_is_handled_at_once_without_waiting_for_a_batch() {
+on_both_queue_types!(a_lone_delivery_is_handled_at_once_without_waiting_for_a_batch);
+async fn a_lone_delivery_is_handled_at_once_without_waiting_for_a_batch(queue_type: QueueType) {
     let db = db::connect("sqlite::memory:", MIGRATIONS)
         .await
         .expect("opens");
     let (_open, gate) = watch::channel(true);
     let ledger = Ledger::new(db.clone(), gate);
-    let test = TestBroker::connected(settings(), vec![consumer(ledger.clone())]).await;
+    let test = TestBroker::connected(settings(queue_type), vec![consumer(ledger.clone())]).await;
     let metrics = Metrics::new("test");
     test.broker.register_metrics(&metrics);
 
@@ -280,14 +286,14 @@ async fn a_lone_delivery_is_handled_at_once_without_waiting_for_a_batch() {
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_batch_that_was_already_applied_is_counted_as_duplicates() {
+on_both_queue_types!(a_batch_that_was_already_applied_is_counted_as_duplicates);
+async fn a_batch_that_was_already_applied_is_counted_as_duplicates(queue_type: QueueType) {
     let db = db::connect("sqlite::memory:", MIGRATIONS)
         .await
         .expect("opens");
     let (open, gate) = watch::channel(false);
     let ledger = Ledger::new(db.clone(), gate);
-    let mut settings = settings();
+    let mut settings = settings(queue_type);
     settings.prefetch = 16;
     let test = TestBroker::connected(settings, vec![consumer(ledger.clone())]).await;
     let metrics = Metrics::new("test");

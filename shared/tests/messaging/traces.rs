@@ -178,15 +178,18 @@ async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_req
     test.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_batch_is_one_consumer_span_linked_to_every_message_while_a_lone_message_keeps_its_parent()
- {
+on_both_queue_types!(
+    a_batch_is_one_consumer_span_linked_to_every_message_while_a_lone_message_keeps_its_parent
+);
+async fn a_batch_is_one_consumer_span_linked_to_every_message_while_a_lone_message_keeps_its_parent(
+    queue_type: QueueType,
+) {
     let (exporter, _guard) = capture();
     let database = shared::db::connect("sqlite::memory:", MIGRATIONS)
         .await
         .expect("opens");
     let (open, gate) = tokio::sync::watch::channel(false);
-    let mut settings = settings();
+    let mut settings = settings(queue_type);
     settings.prefetch = 16;
     let test = TestBroker::connected(settings, vec![consumer(Ledger::new(database, gate))]).await;
     let publisher = test.broker.publisher();
