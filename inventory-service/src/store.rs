@@ -145,6 +145,22 @@ pub trait InventoryStore: Send + Sync + 'static {
         message_id: Uuid,
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>>;
+    /// Applies several order events (each with its message ID, in queue order) in one
+    /// transaction, each once per message ID, all or none: on any error nothing is applied and
+    /// nothing recorded. Answers what each did, in the same order.
+    fn apply_order_events(
+        &self,
+        events: Vec<(Uuid, OrderEvent)>,
+    ) -> BoxFuture<'_, Result<Vec<Applied>, StoreError>>;
+}
+
+/// An order event as inventory applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderEvent {
+    /// `order.placed`: commit the lines' reservations.
+    Placed(Vec<EventLine>),
+    /// `order.cancelled`: give the lines' units back.
+    Cancelled(Vec<EventLine>),
 }
 
 /// [`InventoryStore`] on SQLite.
@@ -502,63 +518,7 @@ impl InventoryStore for SqliteInventoryStore {
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
             let mut tx = self.db.begin_write().await?;
-            if !shared::inbox::record(&mut tx, message_id).await? {
-                return Ok(Applied {
-                    duplicate: true,
-                    ..Applied::default()
-                });
-            }
-            let mut applied = Applied::default();
-            for line in &lines {
-                let qty = i64::from(line.qty);
-                // The common case in two statements: the line's reservation is still held, so
-                // mark it committed and take its units off both levels. Anything else (expired,
-                // already committed, released, not matching the line) takes the slow path.
-                if commit_held(&mut tx, line).await? {
-                    adjust_stock(&mut tx, &line.sku, -qty, -qty).await?;
-                    applied.changed += 1;
-                    continue;
-                }
-                let reservation = reservation_for_line(&mut tx, line).await?;
-                match reservation.status {
-                    // Not after `commit_held` in this transaction; kept so the match says what
-                    // committing a held reservation means.
-                    ReservationStatus::Reserved => {
-                        adjust_stock(&mut tx, &reservation.sku, -qty, -qty).await?;
-                        applied.changed += 1;
-                    }
-                    ReservationStatus::Expired => {
-                        // The order was accepted while the reservation lapsed (a slow publish,
-                        // a broker outage): the customer was promised the units, so take them
-                        // from on hand again rather than lose the order.
-                        tracing::warn!(
-                            reservation_id = %reservation.id,
-                            sku = reservation.sku,
-                            qty,
-                            "committing an expired reservation: units re-taken from stock"
-                        );
-                        adjust_stock(&mut tx, &reservation.sku, -qty, 0).await?;
-                        applied.changed += 1;
-                        applied.retaken += 1;
-                    }
-                    ReservationStatus::Committed => {
-                        applied.unchanged += 1;
-                        continue;
-                    }
-                    ReservationStatus::Released => {
-                        // Released explicitly (the order's cancel overtook its placement): the
-                        // units were given back on purpose, so placing must not take them again.
-                        tracing::warn!(
-                            reservation_id = %reservation.id,
-                            sku = reservation.sku,
-                            "order placed for a released reservation: left released"
-                        );
-                        applied.unchanged += 1;
-                        continue;
-                    }
-                }
-                set_status(&mut tx, reservation.id, ReservationStatus::Committed).await?;
-            }
+            let applied = commit_lines(&mut tx, message_id, &lines).await?;
             tx.commit().await?;
             Ok(applied)
         })
@@ -571,35 +531,135 @@ impl InventoryStore for SqliteInventoryStore {
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
             let mut tx = self.db.begin_write().await?;
-            if !shared::inbox::record(&mut tx, message_id).await? {
-                return Ok(Applied {
-                    duplicate: true,
-                    ..Applied::default()
-                });
-            }
-            let mut applied = Applied::default();
-            for line in &lines {
-                let reservation = reservation_for_line(&mut tx, line).await?;
-                let qty = i64::from(reservation.qty);
-                match reservation.status {
-                    ReservationStatus::Reserved => {
-                        adjust_stock(&mut tx, &reservation.sku, 0, -qty).await?;
-                    }
-                    ReservationStatus::Committed => {
-                        adjust_stock(&mut tx, &reservation.sku, qty, 0).await?;
-                    }
-                    ReservationStatus::Released | ReservationStatus::Expired => {
-                        applied.unchanged += 1;
-                        continue;
-                    }
-                }
-                set_status(&mut tx, reservation.id, ReservationStatus::Released).await?;
-                applied.changed += 1;
-            }
+            let applied = cancel_lines(&mut tx, message_id, &lines).await?;
             tx.commit().await?;
             Ok(applied)
         })
     }
+
+    fn apply_order_events(
+        &self,
+        events: Vec<(Uuid, OrderEvent)>,
+    ) -> BoxFuture<'_, Result<Vec<Applied>, StoreError>> {
+        Box::pin(async move {
+            // One transaction for the whole batch: one BEGIN and one COMMIT (and, on disk, one
+            // WAL sync point) however many events; an error drops `tx`, rolling all of it back.
+            let mut tx = self.db.begin_write().await?;
+            let mut results = Vec::with_capacity(events.len());
+            for (message_id, event) in &events {
+                results.push(match event {
+                    OrderEvent::Placed(lines) => commit_lines(&mut tx, *message_id, lines).await?,
+                    OrderEvent::Cancelled(lines) => {
+                        cancel_lines(&mut tx, *message_id, lines).await?
+                    }
+                });
+            }
+            tx.commit().await?;
+            Ok(results)
+        })
+    }
+}
+
+/// `order.placed` inside the caller's transaction: records `message_id` in the inbox and
+/// commits each line's reservation, or does nothing when the inbox already had it.
+async fn commit_lines(
+    tx: &mut SqliteConnection,
+    message_id: Uuid,
+    lines: &[EventLine],
+) -> Result<Applied, StoreError> {
+    if !shared::inbox::record(&mut *tx, message_id).await? {
+        return Ok(Applied {
+            duplicate: true,
+            ..Applied::default()
+        });
+    }
+    let mut applied = Applied::default();
+    for line in lines {
+        let qty = i64::from(line.qty);
+        // The common case in two statements: the line's reservation is still held, so
+        // mark it committed and take its units off both levels. Anything else (expired,
+        // already committed, released, not matching the line) takes the slow path.
+        if commit_held(&mut *tx, line).await? {
+            adjust_stock(&mut *tx, &line.sku, -qty, -qty).await?;
+            applied.changed += 1;
+            continue;
+        }
+        let reservation = reservation_for_line(&mut *tx, line).await?;
+        match reservation.status {
+            // Not after `commit_held` in this transaction; kept so the match says what
+            // committing a held reservation means.
+            ReservationStatus::Reserved => {
+                adjust_stock(&mut *tx, &reservation.sku, -qty, -qty).await?;
+                applied.changed += 1;
+            }
+            ReservationStatus::Expired => {
+                // The order was accepted while the reservation lapsed (a slow publish,
+                // a broker outage): the customer was promised the units, so take them
+                // from on hand again rather than lose the order.
+                tracing::warn!(
+                    reservation_id = %reservation.id,
+                    sku = reservation.sku,
+                    qty,
+                    "committing an expired reservation: units re-taken from stock"
+                );
+                adjust_stock(&mut *tx, &reservation.sku, -qty, 0).await?;
+                applied.changed += 1;
+                applied.retaken += 1;
+            }
+            ReservationStatus::Committed => {
+                applied.unchanged += 1;
+                continue;
+            }
+            ReservationStatus::Released => {
+                // Released explicitly (the order's cancel overtook its placement): the
+                // units were given back on purpose, so placing must not take them again.
+                tracing::warn!(
+                    reservation_id = %reservation.id,
+                    sku = reservation.sku,
+                    "order placed for a released reservation: left released"
+                );
+                applied.unchanged += 1;
+                continue;
+            }
+        }
+        set_status(&mut *tx, reservation.id, ReservationStatus::Committed).await?;
+    }
+    Ok(applied)
+}
+
+/// `order.cancelled` inside the caller's transaction: records `message_id` in the inbox and
+/// gives each line's units back, or does nothing when the inbox already had it.
+async fn cancel_lines(
+    tx: &mut SqliteConnection,
+    message_id: Uuid,
+    lines: &[EventLine],
+) -> Result<Applied, StoreError> {
+    if !shared::inbox::record(&mut *tx, message_id).await? {
+        return Ok(Applied {
+            duplicate: true,
+            ..Applied::default()
+        });
+    }
+    let mut applied = Applied::default();
+    for line in lines {
+        let reservation = reservation_for_line(&mut *tx, line).await?;
+        let qty = i64::from(reservation.qty);
+        match reservation.status {
+            ReservationStatus::Reserved => {
+                adjust_stock(&mut *tx, &reservation.sku, 0, -qty).await?;
+            }
+            ReservationStatus::Committed => {
+                adjust_stock(&mut *tx, &reservation.sku, qty, 0).await?;
+            }
+            ReservationStatus::Released | ReservationStatus::Expired => {
+                applied.unchanged += 1;
+                continue;
+            }
+        }
+        set_status(&mut *tx, reservation.id, ReservationStatus::Released).await?;
+        applied.changed += 1;
+    }
+    Ok(applied)
 }
 
 #[cfg(test)]
@@ -727,6 +787,41 @@ mod tests {
             .expect("commits");
         assert!(!applied.duplicate);
         assert_eq!(stock(&store, "TS-33").await, Stock::new("TS-33", 23, 0));
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_order_events_is_applied_together_or_not_at_all() {
+        let store = store().await;
+        let first = reserve(&store, "BK-12", 1, time::Duration::minutes(10)).await;
+        let second = reserve(&store, "BK-12", 2, time::Duration::minutes(10)).await;
+        let wrong = EventLine {
+            qty: 5,
+            ..line(&second)
+        };
+        let (placed, cancelled) = (Uuid::new_v4(), Uuid::new_v4());
+
+        let refused = store
+            .apply_order_events(vec![
+                (placed, OrderEvent::Placed(vec![line(&first)])),
+                (cancelled, OrderEvent::Cancelled(vec![wrong])),
+            ])
+            .await;
+        assert!(matches!(refused, Err(StoreError::LineMismatch { .. })));
+        assert_eq!(stock(&store, "BK-12").await, Stock::new("BK-12", 100, 3));
+
+        let applied = store
+            .apply_order_events(vec![
+                (placed, OrderEvent::Placed(vec![line(&first)])),
+                (cancelled, OrderEvent::Cancelled(vec![line(&second)])),
+                (placed, OrderEvent::Placed(vec![line(&first)])),
+            ])
+            .await
+            .expect("applies");
+        assert_eq!(applied.len(), 3);
+        assert_eq!(applied[0].changed, 1);
+        assert_eq!(applied[1].changed, 1);
+        assert!(applied[2].duplicate, "the same message ID is applied once");
+        assert_eq!(stock(&store, "BK-12").await, Stock::new("BK-12", 99, 0));
     }
 
     #[tokio::test]

@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 use shared::db::Database;
 use shared::events::{EventLine, PriceChanged};
 use shared::money::Money;
-use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
 use crate::domain::Price;
@@ -91,6 +91,12 @@ pub trait PriceStore: Send + Sync + 'static {
         message_id: Uuid,
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<SalesRecorded, StoreError>>;
+    /// [`PriceStore::record_sales`] for several orders (each with its message ID, in queue order)
+    /// in one transaction, all or none; answers what each did, in the same order.
+    fn record_sales_batch(
+        &self,
+        orders: Vec<(Uuid, Vec<EventLine>)>,
+    ) -> BoxFuture<'_, Result<Vec<SalesRecorded>, StoreError>>;
 }
 
 /// [`PriceStore`] on SQLite.
@@ -201,31 +207,58 @@ impl PriceStore for SqlitePriceStore {
     ) -> BoxFuture<'_, Result<SalesRecorded, StoreError>> {
         Box::pin(async move {
             let mut tx = self.db.begin_write().await?;
-            if !shared::inbox::record(&mut tx, message_id).await? {
-                return Ok(SalesRecorded {
-                    duplicate: true,
-                    ..SalesRecorded::default()
-                });
-            }
-            let mut recorded = SalesRecorded::default();
-            for line in &lines {
-                let updated =
-                    sqlx::query("UPDATE prices SET units_sold = units_sold + ? WHERE sku = ?")
-                        .bind(i64::from(line.qty))
-                        .bind(&line.sku)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                if updated == 0 {
-                    recorded.unknown_skus.push(line.sku.clone());
-                } else {
-                    recorded.units += u64::from(line.qty);
-                }
-            }
+            let recorded = record_lines(&mut tx, message_id, &lines).await?;
             tx.commit().await?;
             Ok(recorded)
         })
     }
+
+    fn record_sales_batch(
+        &self,
+        orders: Vec<(Uuid, Vec<EventLine>)>,
+    ) -> BoxFuture<'_, Result<Vec<SalesRecorded>, StoreError>> {
+        Box::pin(async move {
+            // One transaction, one BEGIN and COMMIT, for the whole batch; an error drops `tx`,
+            // rolling all of it back.
+            let mut tx = self.db.begin_write().await?;
+            let mut results = Vec::with_capacity(orders.len());
+            for (message_id, lines) in &orders {
+                results.push(record_lines(&mut tx, *message_id, lines).await?);
+            }
+            tx.commit().await?;
+            Ok(results)
+        })
+    }
+}
+
+/// Records `message_id` in the inbox and adds each line's units to its SKU's counter, inside
+/// the caller's transaction; does nothing when the inbox already had the message.
+async fn record_lines(
+    tx: &mut SqliteConnection,
+    message_id: Uuid,
+    lines: &[EventLine],
+) -> Result<SalesRecorded, StoreError> {
+    if !shared::inbox::record(&mut *tx, message_id).await? {
+        return Ok(SalesRecorded {
+            duplicate: true,
+            ..SalesRecorded::default()
+        });
+    }
+    let mut recorded = SalesRecorded::default();
+    for line in lines {
+        let updated = sqlx::query("UPDATE prices SET units_sold = units_sold + ? WHERE sku = ?")
+            .bind(i64::from(line.qty))
+            .bind(&line.sku)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            recorded.unknown_skus.push(line.sku.clone());
+        } else {
+            recorded.units += u64::from(line.qty);
+        }
+    }
+    Ok(recorded)
 }
 
 #[cfg(test)]
@@ -320,5 +353,34 @@ mod tests {
         assert!(again.duplicate);
         let hoodie = store.get_price("HD-44").await.expect("reads");
         assert_eq!(hoodie.map(|p| p.units_sold), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_orders_counts_each_once_in_one_transaction() {
+        let (store, _) = store().await;
+        let hoodies = |qty| {
+            vec![EventLine {
+                sku: "HD-44".to_owned(),
+                qty,
+                reservation_id: Uuid::new_v4(),
+                unit_price: Money(4900),
+            }]
+        };
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+
+        let recorded = store
+            .record_sales_batch(vec![
+                (first, hoodies(1)),
+                (second, hoodies(2)),
+                (first, hoodies(1)),
+            ])
+            .await
+            .expect("records");
+
+        assert_eq!(recorded.len(), 3);
+        assert_eq!((recorded[0].units, recorded[1].units), (1, 2));
+        assert!(recorded[2].duplicate, "the same message ID counts once");
+        let hoodie = store.get_price("HD-44").await.expect("reads");
+        assert_eq!(hoodie.map(|p| p.units_sold), Some(3));
     }
 }

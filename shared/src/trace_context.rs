@@ -457,6 +457,22 @@ pub fn consumer_span(span: &Span, routing_key: &str, parent: Option<SpanContext>
     continue_from(span, parent);
 }
 
+/// Makes a batch's `span` the CONSUMER span `process {queue}`: a trace of its own (a batch has
+/// as many producers as messages, and a span has one parent), linked to every message's producer
+/// context in `contexts`.
+pub fn consumer_batch_span<'a>(
+    span: &Span,
+    queue: &str,
+    contexts: impl IntoIterator<Item = &'a SpanContext>,
+) {
+    if span.is_disabled() || !exporting() {
+        return;
+    }
+    span.record("otel.name", format!("process {queue}"));
+    continue_from(span, None);
+    link_messages(span, contexts);
+}
+
 /// Marks a messaging span failed with `error_type` (`nacked`, `unroutable`, `dead_lettered`, ...).
 pub fn record_failure(span: &Span, error_type: &'static str) {
     span.record("error.type", error_type);

@@ -1,13 +1,14 @@
 //! `order.placed` commits reservations; `order.cancelled` returns their units. Both are
-//! deduplicated by message ID in the same transaction as their effect.
+//! deduplicated by message ID in the same transaction as their effect; the events waiting on the
+//! queue together are applied in one transaction.
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use shared::events::{Event, OrderCancelled, OrderPlaced};
-use shared::messaging::{ConsumerSpec, Handler, HandlerError, IncomingMessage};
+use shared::messaging::{ConsumerSpec, Handler, HandlerError, HandlerFuture, IncomingMessage};
+use uuid::Uuid;
 
-use crate::store::{Applied, InventoryStore, StoreError};
+use crate::store::{Applied, InventoryStore, OrderEvent, StoreError};
 
 /// The queue inventory's order events arrive on.
 pub const QUEUE: &str = "inventory.order-events";
@@ -34,37 +35,58 @@ impl OrderEventsHandler {
     }
 
     async fn apply(&self, message: IncomingMessage) -> Result<(), HandlerError> {
-        let (applied, order_id) = match message.event_type.as_str() {
-            OrderPlaced::TYPE => {
-                let event: OrderPlaced = message.decode()?;
-                let applied = self
-                    .store
-                    .commit_order(message.message_id, event.lines)
-                    .await
-                    .map_err(to_handler_error)?;
-                (applied, event.order_id)
+        let (order_id, event) = decode(&message)?;
+        let applied = match event {
+            OrderEvent::Placed(lines) => self.store.commit_order(message.message_id, lines).await,
+            OrderEvent::Cancelled(lines) => {
+                self.store.cancel_order(message.message_id, lines).await
             }
-            OrderCancelled::TYPE => {
-                let event: OrderCancelled = message.decode()?;
-                let applied = self
-                    .store
-                    .cancel_order(message.message_id, event.lines)
-                    .await
-                    .map_err(to_handler_error)?;
-                (applied, event.order_id)
-            }
-            other => {
-                return Err(HandlerError::Permanent(format!(
-                    "{QUEUE} does not handle {other}"
-                )));
-            }
-        };
+        }
+        .map_err(to_handler_error)?;
         log_applied(&message, order_id, &applied);
+        Ok(())
+    }
+
+    /// Applies `messages` in one store transaction. Any message that does not decode, or whose
+    /// lines the store refuses, fails the whole batch (the consumer then handles each alone).
+    async fn apply_all(&self, messages: &[IncomingMessage]) -> Result<(), HandlerError> {
+        let mut order_ids = Vec::with_capacity(messages.len());
+        let mut events = Vec::with_capacity(messages.len());
+        for message in messages {
+            let (order_id, event) = decode(message)?;
+            order_ids.push(order_id);
+            events.push((message.message_id, event));
+        }
+        let applied = self
+            .store
+            .apply_order_events(events)
+            .await
+            .map_err(to_handler_error)?;
+        for ((message, order_id), applied) in messages.iter().zip(order_ids).zip(&applied) {
+            message.in_scope(|| log_applied(message, order_id, applied));
+        }
         Ok(())
     }
 }
 
-fn log_applied(message: &IncomingMessage, order_id: uuid::Uuid, applied: &Applied) {
+/// The order a message is about and what to do with its lines.
+fn decode(message: &IncomingMessage) -> Result<(Uuid, OrderEvent), HandlerError> {
+    match message.event_type.as_str() {
+        OrderPlaced::TYPE => {
+            let event: OrderPlaced = message.decode()?;
+            Ok((event.order_id, OrderEvent::Placed(event.lines)))
+        }
+        OrderCancelled::TYPE => {
+            let event: OrderCancelled = message.decode()?;
+            Ok((event.order_id, OrderEvent::Cancelled(event.lines)))
+        }
+        other => Err(HandlerError::Permanent(format!(
+            "{QUEUE} does not handle {other}"
+        ))),
+    }
+}
+
+fn log_applied(message: &IncomingMessage, order_id: Uuid, applied: &Applied) {
     if applied.duplicate {
         tracing::info!(
             message_id = %message.message_id,
@@ -95,8 +117,12 @@ fn to_handler_error(error: StoreError) -> HandlerError {
 }
 
 impl Handler for OrderEventsHandler {
-    fn handle(&self, message: IncomingMessage) -> BoxFuture<'_, Result<(), HandlerError>> {
+    fn handle(&self, message: IncomingMessage) -> HandlerFuture<'_> {
         Box::pin(self.apply(message))
+    }
+
+    fn handle_batch<'a>(&'a self, messages: &'a [IncomingMessage]) -> Option<HandlerFuture<'a>> {
+        Some(Box::pin(self.apply_all(messages)))
     }
 }
 
@@ -111,7 +137,7 @@ mod tests {
             HandlerError::Transient(_)
         ));
         assert!(matches!(
-            to_handler_error(StoreError::UnknownReservation(uuid::Uuid::nil())),
+            to_handler_error(StoreError::UnknownReservation(Uuid::nil())),
             HandlerError::Permanent(_)
         ));
     }

@@ -173,6 +173,7 @@ pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<Received, Dec
             version: envelope.version,
             data: Bytes::from(envelope.data.get().as_bytes().to_vec()),
             attempt,
+            correlation_id: correlation_id.clone(),
         },
         correlation_id,
         budget,

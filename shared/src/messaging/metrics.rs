@@ -8,7 +8,8 @@
 //! | `messaging_broker_connected` | – | 1 while a session is up, else 0 |
 //! | `messaging_broker_reconnects_total` | – | sessions lost and rebuilt |
 //! | `messaging_deliveries_total` | `queue`, `outcome` (`applied`, `duplicate`, `retried`, `dead_lettered`, `unsettled`) | one per delivery handled |
-//! | `messaging_handler_duration_seconds` | `queue` | time in the handler per delivery |
+//! | `messaging_handler_duration_seconds` | `queue` | time in the handler per delivery (a batch's time shared equally among its deliveries) |
+//! | `messaging_batch_size` | `queue` | deliveries taken from the queue together, one observation per batch (1 when only one was waiting) |
 //! | `messaging_dead_letter_messages` | `queue` (the dead-letter queue) | messages parked there, read from the broker every [`DEAD_LETTER_POLL`] |
 //!
 //! The metrics live in the broker's shared state from the start and are registered in a
@@ -87,6 +88,7 @@ pub(super) struct MessagingMetrics {
     reconnects: Counter<u64, AtomicU64>,
     deliveries: Family<DeliveryLabels, Counter>,
     handler_latency: Family<QueueLabel, Histogram>,
+    batch_size: Family<QueueLabel, Histogram>,
     dead_letters: Family<QueueLabel, Gauge>,
 }
 
@@ -95,6 +97,11 @@ pub(super) struct MessagingMetrics {
 /// call; both are milliseconds when healthy and seconds when not.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Buckets 1, 2, 4 … 64: a batch holds at most [`MAX_BATCH`](super::MAX_BATCH) deliveries.
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 7))
 }
 
 impl Default for MessagingMetrics {
@@ -106,6 +113,7 @@ impl Default for MessagingMetrics {
             reconnects: Counter::default(),
             deliveries: Family::default(),
             handler_latency: Family::new_with_constructor(latency_histogram),
+            batch_size: Family::new_with_constructor(batch_histogram),
             dead_letters: Family::default(),
         }
     }
@@ -143,6 +151,11 @@ impl MessagingMetrics {
             "messaging_handler_duration_seconds",
             "Time a consumer's handler took per delivery, by queue",
             self.handler_latency.clone(),
+        );
+        metrics.register(
+            "messaging_batch_size",
+            "Deliveries a consumer took from its queue together, by queue",
+            self.batch_size.clone(),
         );
         metrics.register(
             "messaging_dead_letter_messages",
@@ -198,6 +211,15 @@ impl MessagingMetrics {
         }
     }
 
+    /// A consumer of `queue` took `size` deliveries together.
+    pub(super) fn batch(&self, queue: &str, size: usize) {
+        self.batch_size
+            .get_or_create(&QueueLabel {
+                queue: queue.to_owned(),
+            })
+            .observe(size as f64);
+    }
+
     /// `queue` (a dead-letter queue) holds `messages`.
     pub(super) fn dead_letter_depth(&self, queue: &str, messages: u32) {
         self.dead_letters
@@ -209,22 +231,23 @@ impl MessagingMetrics {
 }
 
 tokio::task_local! {
-    /// Set while a consumer's handler runs; the inbox marks it when it recognises a message.
-    static DUPLICATE: std::cell::Cell<bool>;
+    /// Set while a consumer's handler runs; the inbox counts the messages it recognises.
+    static DUPLICATES: std::cell::Cell<usize>;
 }
 
-/// Runs a handler's `work`, reporting whether the inbox marked the delivery a duplicate.
-pub(super) async fn watching_duplicates<T>(work: impl Future<Output = T>) -> (T, bool) {
-    DUPLICATE
-        .scope(std::cell::Cell::new(false), async {
+/// Runs a handler's `work`, reporting how many of its deliveries (one, or a batch's) the inbox
+/// recognised as duplicates.
+pub(super) async fn watching_duplicates<T>(work: impl Future<Output = T>) -> (T, usize) {
+    DUPLICATES
+        .scope(std::cell::Cell::new(0), async {
             let result = work.await;
-            (result, DUPLICATE.with(std::cell::Cell::get))
+            (result, DUPLICATES.with(std::cell::Cell::get))
         })
         .await
 }
 
-/// Marks the delivery being handled as a duplicate (called by [`crate::inbox::record`]); does
+/// Counts a delivery being handled as a duplicate (called by [`crate::inbox::record`]); does
 /// nothing outside a consumer's handler.
 pub(crate) fn mark_duplicate() {
-    let _ = DUPLICATE.try_with(|duplicate| duplicate.set(true));
+    let _ = DUPLICATES.try_with(|duplicates| duplicates.set(duplicates.get() + 1));
 }

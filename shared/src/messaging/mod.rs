@@ -8,7 +8,7 @@
 //! | [`envelope`] | the JSON envelope and the AMQP properties and headers mirroring it |
 //! | `broker` | [`Broker`]: the supervisor that connects, declares, runs and rebuilds everything |
 //! | `publisher` | [`Publisher`]: `mandatory`, persistent publishes that count only when confirmed |
-//! | `consumer` | manual acks, bounded prefetch, retry through the retry queue, then the DLQ |
+//! | `consumer` | manual acks, bounded prefetch, batches acked together, retry through the retry queue, then the DLQ |
 //! | [`dlq`] | listing and redriving dead letters (also the `dlq` command-line tool) |
 //!
 //! Delivery is at least once: a message may arrive twice (a lost ack, a redrive, a relay that
@@ -29,9 +29,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::correlation::CorrelationId;
 use crate::events::Event;
 
 pub use broker::Broker;
+pub use consumer::MAX_BATCH;
 pub use publisher::Publisher;
 pub use settings::MessagingSettings;
 pub use topology::Topology;
@@ -49,6 +51,10 @@ pub struct IncomingMessage {
     pub data: Bytes,
     /// Delivery attempt, 1 for the first.
     pub attempt: u32,
+    /// The correlation ID the message carried (minted when it carried none). The consumer runs
+    /// [`Handler::handle`] with it in scope; a batch handler restores it per message with
+    /// [`IncomingMessage::in_scope`].
+    pub correlation_id: CorrelationId,
 }
 
 impl IncomingMessage {
@@ -77,6 +83,12 @@ impl IncomingMessage {
             HandlerError::Permanent(format!("{} payload does not decode: {e}", E::TYPE))
         })
     }
+
+    /// Runs `f` with this message's correlation ID in scope, so that what it logs belongs to the
+    /// request that caused the message (a batch handler's per-message log lines).
+    pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        crate::correlation::sync_scope(self.correlation_id.clone(), f)
+    }
 }
 
 /// What a handler's failure means for the message.
@@ -90,13 +102,38 @@ pub enum HandlerError {
     Permanent(String),
 }
 
-/// Handles messages of one consumer queue. Runs with the message's correlation ID in scope.
+/// A handler's future.
+pub type HandlerFuture<'a> = futures::future::BoxFuture<'a, Result<(), HandlerError>>;
+
+/// Handles messages of one consumer queue.
+///
+/// The consumer applies the deliveries waiting on its queue in order. When two or more are
+/// waiting and the handler has a batch method, it offers them to [`Handler::handle_batch`] at
+/// once; otherwise, and whenever a batch fails, it calls [`Handler::handle`] for each message,
+/// with the message's correlation ID in scope.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message; `Ok` acks it.
-    fn handle(
-        &self,
-        message: IncomingMessage,
-    ) -> futures::future::BoxFuture<'_, Result<(), HandlerError>>;
+    ///
+    /// # Errors
+    /// [`HandlerError::Transient`] to retry the message after a delay, [`HandlerError::Permanent`]
+    /// to dead-letter it.
+    fn handle(&self, message: IncomingMessage) -> HandlerFuture<'_>;
+
+    /// Applies `messages` (two or more, in queue order) all or nothing, typically in one write
+    /// transaction holding every effect and every inbox row; `Ok` acks them all at once. `None`,
+    /// the default, means this handler takes one message at a time.
+    ///
+    /// A batch runs without a correlation ID in scope (it has one per message; see
+    /// [`IncomingMessage::in_scope`]).
+    ///
+    /// # Errors
+    /// Any failure must leave nothing applied: the consumer then hands the same messages to
+    /// [`Handler::handle`] one by one, so the one at fault is retried or dead-lettered alone and
+    /// every other is applied once.
+    fn handle_batch<'a>(&'a self, messages: &'a [IncomingMessage]) -> Option<HandlerFuture<'a>> {
+        let _ = messages;
+        None
+    }
 }
 
 /// A consumer: its queue (`<service>.<purpose>`), the event types it binds, and its handler.
@@ -225,6 +262,7 @@ mod tests {
             version: 1,
             data: outgoing.data,
             attempt: 1,
+            correlation_id: CorrelationId::new(),
         };
         assert_eq!(
             incoming.decode::<PriceChanged>().ok(),

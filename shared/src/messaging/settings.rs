@@ -12,7 +12,7 @@ pub struct MessagingSettings {
     /// `EVENTS_NAMESPACE`, default empty: a prefix for every exchange and queue name, so tests
     /// (and several stacks on one broker) stay isolated.
     pub namespace: String,
-    /// Unacked deliveries per consumer (and thus handler concurrency).
+    /// Unacked deliveries per consumer (the consumer applies up to half of them as one batch).
     pub prefetch: u16,
     /// Delayed retries before a failing message goes to the DLQ (a message is handled at most
     /// `1 + max_retries` times).
@@ -28,13 +28,12 @@ pub struct MessagingSettings {
 /// `AMQP_URL` when unset: the broker's name under docker compose.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@rabbitmq:5672/%2f";
 
-/// 8 unacked deliveries per consumer (and so at most 8 handlers at once): enough to keep a
-/// handler busy while acks travel back, few enough that a crashing instance hands back only a
-/// handful for redelivery. Every handler here writes to SQLite, which has one writer at a time, so
-/// more handlers in flight only queue on the write lock, and SQLite's busy handler sleeps rather
-/// than queues: the benchmark's relay scenario (tests/bench) consumed 3.7k events/s with 32 and
-/// 5.8k with 8.
-pub const DEFAULT_PREFETCH: u16 = 8;
+/// 32 unacked deliveries per consumer: twice the largest batch
+/// ([`MAX_BATCH`](super::MAX_BATCH)), so that the broker is already sending the next batch while
+/// one is being applied, and few enough that a crashing instance hands back only a few dozen for
+/// redelivery. A consumer applies one batch at a time (SQLite has one writer anyway), so a larger
+/// prefetch buys no concurrency, only deliveries waiting in memory.
+pub const DEFAULT_PREFETCH: u16 = 32;
 
 /// Three delayed retries ride out a short hiccup (a database busy, a dependency restarting)
 /// without holding a poisoned message for long before it is parked in the DLQ for a human.
@@ -111,7 +110,7 @@ mod tests {
         let settings = MessagingSettings::from_env(&Env::default()).expect("defaults are valid");
         assert_eq!(settings.amqp_url, DEFAULT_AMQP_URL);
         assert_eq!(settings.namespace, "");
-        assert_eq!(settings.prefetch, 8);
+        assert_eq!(settings.prefetch, 32);
         assert_eq!(settings.max_retries, 3);
         assert_eq!(settings.retry_delay, Duration::from_secs(2));
         assert_eq!(settings.publish_window, 1024);

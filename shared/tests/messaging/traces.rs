@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::assert_eventually;
+use crate::batches::{GATE, Ledger, MIGRATIONS, ready};
 use crate::helpers::{Recorder, TestBroker, consumer, outbox_database, price_changed, settings};
 
 /// Spans exported in memory, each as it ends.
@@ -167,5 +168,86 @@ async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_req
 
     stop.cancel();
     running.await.expect("the relay stops");
+    test.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_batch_is_one_consumer_span_linked_to_every_message_while_a_lone_message_keeps_its_parent()
+ {
+    let (exporter, _guard) = capture();
+    let database = shared::db::connect("sqlite::memory:", MIGRATIONS)
+        .await
+        .expect("opens");
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let mut settings = settings();
+    settings.prefetch = 16;
+    let test = TestBroker::connected(settings, vec![consumer(Ledger::new(database, gate))]).await;
+    let publisher = test.broker.publisher();
+    let publish_in_request = |sku: &'static str| {
+        let publisher = publisher.clone();
+        async move {
+            let request = tracing::info_span!("request");
+            let message = {
+                let _entered = request.enter();
+                OutgoingMessage::new(&price_changed(sku)).expect("serialises")
+            };
+            publisher
+                .publish(message)
+                .instrument(request)
+                .await
+                .expect("confirmed");
+        }
+    };
+
+    // The gate's message is handled alone and holds the consumer while two more queue up.
+    publish_in_request(GATE).await;
+    assert_eventually!(
+        ready(&test.settings).await == 0,
+        "the gate was not delivered"
+    );
+    publish_in_request("BK-12").await;
+    publish_in_request("MG-07").await;
+    assert_eventually!(
+        ready(&test.settings).await == 0,
+        "the batch was not delivered"
+    );
+    open.send(true).expect("the handler holds the gate");
+    assert_eventually!(
+        of_kind(&spans(&exporter), SpanKind::Consumer).len() == 2,
+        "expected one consumer span for the gate and one for the batch"
+    );
+
+    let spans = spans(&exporter);
+    let publishes = of_kind(&spans, SpanKind::Producer);
+    let consumers = of_kind(&spans, SpanKind::Consumer);
+    let lone = consumers
+        .iter()
+        .find(|s| s.name == "process price.changed")
+        .expect("the gate's own span");
+    assert_eq!(lone.parent_span_id, publishes[0].span_context.span_id());
+    let queue =
+        shared::messaging::topology::namespaced(&test.settings.namespace, crate::helpers::QUEUE);
+    let batch = consumers
+        .iter()
+        .find(|s| s.name == format!("process {queue}"))
+        .unwrap_or_else(|| panic!("no batch span among {consumers:?}"));
+    assert_eq!(
+        batch.parent_span_id,
+        SpanId::INVALID,
+        "a batch starts its own trace"
+    );
+    let linked: Vec<_> = batch
+        .links
+        .iter()
+        .map(|link| link.span_context.span_id())
+        .collect();
+    assert_eq!(
+        linked,
+        [
+            publishes[1].span_context.span_id(),
+            publishes[2].span_context.span_id()
+        ],
+        "the batch links to each message's publish span"
+    );
     test.cleanup().await;
 }
