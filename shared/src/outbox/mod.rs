@@ -8,6 +8,9 @@
 //!
 //! Sent rows are kept for an hour (so an operator can see what went out, and when) and then
 //! pruned, which keeps the table small.
+//!
+//! This module holds the SQLite outbox and the relay; [`postgres`] holds the outbox on
+//! PostgreSQL and the relay's leader guard, which lets several replicas share one outbox.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -16,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{ColumnIndex, Decode, Row, SqliteConnection, SqlitePool, Type};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +29,10 @@ use crate::correlation::{self, CorrelationId};
 use crate::db::Database;
 use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
+use crate::pg::PgDatabase;
 use crate::trace_context;
+
+pub mod postgres;
 
 /// The SQL that creates the outbox table; include it in the service's migrations.
 pub const MIGRATION: &str = "\
@@ -70,7 +76,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest delay between failed rounds: the backlog goes out within seconds of the broker's return.
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// How long sent rows are kept for inspection before they are pruned.
-const KEEP_SENT: &str = "-1 hour";
+const KEEP_SENT: Duration = Duration::from_secs(3600);
 /// How often sent rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -131,7 +137,7 @@ const GAUGES_EVERY: Duration = Duration::from_secs(1);
 /// Publishes pending outbox rows in order, marking them sent after the confirm.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
-    db: Database,
+    source: Arc<Source>,
     publisher: Publisher,
     wake: Arc<Notify>,
     backlog: Backlog,
@@ -144,9 +150,45 @@ struct Backlog {
     oldest_age: Gauge<f64, AtomicU64>,
 }
 
+/// The outbox a relay reads, on its backend.
+#[derive(Debug)]
+enum Source {
+    Sqlite(Database),
+    Postgres(postgres::PgOutbox),
+}
+
+/// Unsent rows, oldest first, with their ids.
+type Pending = Vec<(i64, OutgoingMessage)>;
+
+/// Reads one outbox row (either backend: the columns have the same names and types).
+fn message_from_row<'r, R>(row: &'r R) -> Result<(i64, OutgoingMessage), sqlx::Error>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let message_id: String = row.try_get("message_id")?;
+    let data: String = row.try_get("data")?;
+    let message = OutgoingMessage {
+        message_id: Uuid::parse_str(&message_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        event_type: row.try_get("event_type")?,
+        version: u32::try_from(row.try_get::<i64, _>("version")?)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        correlation_id: row.try_get("correlation_id")?,
+        data: Bytes::from(data),
+        trace: trace_context::from_text(
+            row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
+            row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
+        ),
+    };
+    Ok((row.try_get("id")?, message))
+}
+
 /// What one round achieved.
 enum Round {
-    /// Nothing was pending.
+    /// Nothing was pending, or another replica leads the relay.
     Idle,
     /// Every row read was published; `full` when the batch was full (more may be waiting).
     Published { full: bool },
@@ -157,8 +199,19 @@ enum Round {
 impl OutboxRelay {
     /// A relay over `db`'s outbox publishing through `publisher`.
     pub fn new(db: Database, publisher: Publisher) -> Self {
+        Self::over(Source::Sqlite(db), publisher)
+    }
+
+    /// A relay over a PostgreSQL outbox that several replicas share: it publishes only while
+    /// this replica holds the leader lock ([`postgres::RELAY_LOCK`]), and otherwise stands by,
+    /// trying for the lock every [`POLL_INTERVAL`].
+    pub fn postgres(db: PgDatabase, publisher: Publisher) -> Self {
+        Self::over(Source::Postgres(postgres::PgOutbox::new(db)), publisher)
+    }
+
+    fn over(source: Source, publisher: Publisher) -> Self {
         Self {
-            db,
+            source: Arc::new(source),
             publisher,
             wake: Arc::new(Notify::new()),
             backlog: Backlog::default(),
@@ -183,17 +236,21 @@ impl OutboxRelay {
 
     /// Reads the backlog into the gauges.
     async fn measure(&self) -> Result<(), sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT count(*) AS n, \
-             coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) AS age \
-             FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(self.db.pool())
-        .await?;
-        self.backlog.pending.set(row.try_get("n")?);
-        self.backlog
-            .oldest_age
-            .set(row.try_get::<f64, _>("age")?.max(0.0));
+        let (pending, age) = match &*self.source {
+            Source::Sqlite(db) => {
+                let row = sqlx::query(
+                    "SELECT count(*) AS n, \
+                     coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) \
+                     AS age FROM outbox WHERE sent_at IS NULL",
+                )
+                .fetch_one(db.pool())
+                .await?;
+                (row.try_get("n")?, row.try_get::<f64, _>("age")?)
+            }
+            Source::Postgres(outbox) => outbox.measure().await?,
+        };
+        self.backlog.pending.set(pending);
+        self.backlog.oldest_age.set(age.max(0.0));
         Ok(())
     }
 
@@ -205,7 +262,8 @@ impl OutboxRelay {
 
     /// Runs until `shutdown`: publishes what is pending in batches, marks the confirmed prefix
     /// of each batch sent, backs off while publishing fails, and otherwise waits for
-    /// [`notify`](Self::notify) or the [`POLL_INTERVAL`].
+    /// [`notify`](Self::notify) or the [`POLL_INTERVAL`]. On PostgreSQL it does so only while
+    /// it leads, and gives the lead up when it stops.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0_u32;
         let mut last_prune: Option<Instant> = None;
@@ -263,42 +321,22 @@ impl OutboxRelay {
                 () = tokio::time::sleep(pause) => {}
             }
         }
+        if let Source::Postgres(outbox) = &*self.source {
+            // A standby takes over at its next poll instead of when the server notices.
+            outbox.step_down().await;
+        }
     }
 
     /// Publishes one batch and marks the confirmed prefix sent.
     async fn round(&self) -> Result<Round, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT id, message_id, event_type, version, correlation_id, data, traceparent, \
-             tracestate FROM outbox \
-             WHERE sent_at IS NULL ORDER BY id LIMIT ?",
-        )
-        .bind(BATCH_SIZE)
-        .fetch_all(self.db.pool())
-        .await?;
+        let Some(rows) = self.fetch().await? else {
+            return Ok(Round::Idle);
+        };
         if rows.is_empty() {
             return Ok(Round::Idle);
         }
         let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= BATCH_SIZE;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in &rows {
-            ids.push(row.try_get::<i64, _>("id")?);
-            let message_id: String = row.try_get("message_id")?;
-            let data: String = row.try_get("data")?;
-            messages.push(OutgoingMessage {
-                message_id: Uuid::parse_str(&message_id)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                event_type: row.try_get("event_type")?,
-                version: u32::try_from(row.try_get::<i64, _>("version")?)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                correlation_id: row.try_get("correlation_id")?,
-                data: Bytes::from(data),
-                trace: trace_context::from_text(
-                    row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
-                    row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
-                ),
-            });
-        }
+        let (ids, messages): (Vec<i64>, Vec<OutgoingMessage>) = rows.into_iter().unzip();
         // The publish log lines carry the first row's correlation ID; each message carries its own.
         let id = messages
             .first()
@@ -310,15 +348,7 @@ impl OutboxRelay {
         // row that did get through is sent again next round and deduplicated by its consumer.
         let confirmed = results.iter().take_while(|r| r.is_ok()).count();
         if confirmed > 0 {
-            let sent = serde_json::to_string(&ids[..confirmed])
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            sqlx::query(
-                "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-                 WHERE id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(sent)
-            .execute(&mut *self.db.writer().await?)
-            .await?;
+            self.mark_sent(&ids[..confirmed]).await?;
         }
         match results.into_iter().find_map(Result::err) {
             Some(error) => Ok(Round::Failed(error.to_string())),
@@ -326,15 +356,59 @@ impl OutboxRelay {
         }
     }
 
+    /// The oldest unsent rows, at most [`BATCH_SIZE`]; `None` when another replica leads.
+    async fn fetch(&self) -> Result<Option<Pending>, sqlx::Error> {
+        match &*self.source {
+            Source::Sqlite(db) => {
+                let rows = sqlx::query(
+                    "SELECT id, message_id, event_type, version, correlation_id, data, \
+                     traceparent, tracestate FROM outbox \
+                     WHERE sent_at IS NULL ORDER BY id LIMIT ?",
+                )
+                .bind(BATCH_SIZE)
+                .fetch_all(db.pool())
+                .await?;
+                rows.iter()
+                    .map(message_from_row)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
+            }
+            Source::Postgres(outbox) => outbox.fetch(BATCH_SIZE).await,
+        }
+    }
+
+    async fn mark_sent(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        match &*self.source {
+            Source::Sqlite(db) => {
+                let sent =
+                    serde_json::to_string(ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                sqlx::query(
+                    "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+                     WHERE id IN (SELECT value FROM json_each(?))",
+                )
+                .bind(sent)
+                .execute(&mut *db.writer().await?)
+                .await?;
+                Ok(())
+            }
+            Source::Postgres(outbox) => outbox.mark_sent(ids).await,
+        }
+    }
+
     async fn prune(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "DELETE FROM outbox WHERE sent_at IS NOT NULL \
-             AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
-        )
-        .bind(KEEP_SENT)
-        .execute(&mut *self.db.writer().await?)
-        .await?;
-        Ok(())
+        match &*self.source {
+            Source::Sqlite(db) => {
+                sqlx::query(
+                    "DELETE FROM outbox WHERE sent_at IS NOT NULL \
+                     AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
+                )
+                .bind(format!("-{} seconds", KEEP_SENT.as_secs()))
+                .execute(&mut *db.writer().await?)
+                .await?;
+                Ok(())
+            }
+            Source::Postgres(outbox) => outbox.prune().await,
+        }
     }
 }
 
