@@ -7,7 +7,7 @@
 //! `SQLITE_BUSY` at once, bypassing the busy timeout).
 
 use futures::future::BoxFuture;
-use shared::db::Database;
+use shared::db::{Database, DatabaseError};
 use shared::events::EventLine;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -69,7 +69,13 @@ pub enum StoreError {
     InvalidLevel(String),
     /// The database failed (busy, I/O, corrupt row).
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(#[from] DatabaseError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
 }
 
 /// A reservation to make.

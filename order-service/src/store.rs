@@ -5,7 +5,7 @@
 //! an event published for an order that was not stored.
 
 use futures::future::BoxFuture;
-use shared::db::Database;
+use shared::db::{Database, DatabaseError};
 use shared::events::{EventLine, OrderCancelled, OrderPlaced};
 use shared::money::Money;
 use shared::{inbox, outbox};
@@ -30,10 +30,16 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[from] DatabaseError),
     /// A stored row does not make sense (a bug or a hand edit).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
 }
 
 /// The outcome of claiming an idempotency key.

@@ -12,20 +12,6 @@ use crate::store::StoreError;
 /// milliseconds at a time, so a second is ample, and the resilient client honours it.
 const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Whether `error` means "the write lock or a pooled connection was not free in time" (SQLite's
-/// `BUSY` and `LOCKED`, whose extended codes keep the primary code in the low byte): the request
-/// can succeed if retried, so it is a `503`, not a `500`.
-fn is_busy(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
-        _ => false,
-    }
-}
-
 /// Everything a handler can fail with. Internal causes are logged, never sent.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -49,7 +35,7 @@ impl IntoResponse for ApiError {
             Self::Invalid(reason) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request").detail(reason)
             }
-            Self::Storage(StoreError::Database(cause)) if is_busy(cause) => {
+            Self::Storage(StoreError::Database(cause)) if cause.is_transient() => {
                 tracing::warn!(error = %cause, "storage busy");
                 Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Storage busy")
                     .detail("the database is busy; retry shortly")

@@ -7,7 +7,7 @@
 //! with `SQLITE_BUSY` at once).
 
 use futures::future::BoxFuture;
-use shared::db::Database;
+use shared::db::{Database, DatabaseError};
 use shared::events::{EventLine, PriceChanged};
 use shared::money::Money;
 use sqlx::sqlite::SqliteRow;
@@ -39,7 +39,13 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
 pub enum StoreError {
     /// The database failed (busy, I/O, corrupt row; writing the outbox row included).
     #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    Database(#[from] DatabaseError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
 }
 
 /// A price to set.

@@ -46,6 +46,53 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// run beside the writer, and a few keep 2 cores busy; more would only hold memory and files.
 pub const MAX_CONNECTIONS: u32 = 4;
 
+/// A database failure as a store reports it, whatever the backend: the cause (for logs) and
+/// whether the same operation may succeed when retried shortly. Store traits and their error
+/// enums carry this instead of a driver's error type, so that a caller (an HTTP error mapping, a
+/// consumer deciding between retry and dead letter) never depends on which database is behind
+/// the trait.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct DatabaseError {
+    source: Box<dyn std::error::Error + Send + Sync>,
+    transient: bool,
+}
+
+impl DatabaseError {
+    /// A failure caused by `source`; `transient` when retrying shortly may succeed.
+    pub fn new(
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+        transient: bool,
+    ) -> Self {
+        Self {
+            source: source.into(),
+            transient,
+        }
+    }
+
+    /// Whether the database was only busy (a lock or a connection not free in time), so the
+    /// operation may succeed when retried: a `503` with `Retry-After` rather than a `500`.
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+impl From<sqlx::Error> for DatabaseError {
+    /// Busy means the pool had no connection in time, or SQLite's `BUSY` or `LOCKED` (extended
+    /// codes keep the primary code in the low byte).
+    fn from(error: sqlx::Error) -> Self {
+        let transient = match &error {
+            sqlx::Error::PoolTimedOut => true,
+            sqlx::Error::Database(db) => db
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+            _ => false,
+        };
+        Self::new(error, transient)
+    }
+}
+
 /// How durable a commit is (`SQLITE_SYNCHRONOUS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -655,6 +702,17 @@ mod tests {
         assert_eq!(count(&database).await, 1);
         database.close().await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_busy_database_is_transient_and_a_broken_one_is_not() {
+        assert!(DatabaseError::from(sqlx::Error::PoolTimedOut).is_transient());
+        let broken = DatabaseError::from(sqlx::Error::Protocol("bad frame".to_owned()));
+        assert!(!broken.is_transient());
+        assert_eq!(
+            broken.to_string(),
+            "encountered unexpected or invalid data: bad frame"
+        );
     }
 
     #[test]

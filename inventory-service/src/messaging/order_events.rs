@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn database_failures_are_retried_and_bad_events_are_dead_lettered() {
         assert!(matches!(
-            to_handler_error(StoreError::Database(sqlx::Error::PoolTimedOut)),
+            to_handler_error(StoreError::Database(sqlx::Error::PoolTimedOut.into())),
             HandlerError::Transient(_)
         ));
         assert!(matches!(

@@ -9,27 +9,30 @@
 //! Sent rows are kept for an hour (so an operator can see what went out, and when) and then
 //! pruned, which keeps the table small.
 //!
-//! This module holds the SQLite outbox and the relay; [`postgres`] holds the outbox on
-//! PostgreSQL and the relay's leader guard, which lets several replicas share one outbox.
+//! Writing a row ([`enqueue`]) happens inside the service's own transaction; the relay reaches
+//! the table only through [`OutboxStorage`], so another database backend adds an implementation
+//! beside [`SqliteOutbox`] and keeps the relay: [`postgres`] holds the outbox on PostgreSQL and
+//! [`postgres::PgOutbox`], whose leader guard lets several replicas share one outbox.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
-use sqlx::{ColumnIndex, Decode, Row, SqliteConnection, SqlitePool, Type};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::correlation::{self, CorrelationId};
-use crate::db::Database;
+use crate::db::{Database, DatabaseError};
 use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
-use crate::pg::PgDatabase;
 use crate::trace_context;
 
 pub mod postgres;
@@ -134,10 +137,150 @@ pub async fn pending(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
 /// once a second is finer than any scrape interval and costs one indexed query.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 
+/// An unsent outbox row as the relay reads it.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    /// The row's position in the outbox (rows are published in this order).
+    pub id: i64,
+    /// The message to publish.
+    pub message: OutgoingMessage,
+}
+
+/// The unsent part of an outbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BacklogSize {
+    /// Rows not yet confirmed by the broker.
+    pub pending: i64,
+    /// Age of the oldest of them in seconds (0 when none).
+    pub oldest_age_secs: f64,
+}
+
+/// The relay's access to an outbox table: one implementation per database backend
+/// ([`SqliteOutbox`] here), while the relay's flow (rounds in order, only the confirmed prefix
+/// marked sent, backoff, the pruning schedule) stays in [`OutboxRelay`], above this trait.
+pub trait OutboxStorage: std::fmt::Debug + Send + Sync + 'static {
+    /// Up to `limit` unsent rows, oldest first.
+    ///
+    /// # Errors
+    /// Database failure, or a row that does not decode.
+    fn unsent(&self, limit: i64) -> BoxFuture<'_, Result<Vec<PendingRow>, DatabaseError>>;
+    /// Marks the rows `ids` sent, all in one statement.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn mark_sent<'a>(&'a self, ids: &'a [i64]) -> BoxFuture<'a, Result<(), DatabaseError>>;
+    /// How many rows are unsent and how old the oldest is.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn backlog(&self) -> BoxFuture<'_, Result<BacklogSize, DatabaseError>>;
+    /// Deletes rows sent more than `keep` ago.
+    ///
+    /// # Errors
+    /// Database failure.
+    fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>>;
+}
+
+/// [`OutboxStorage`] on a SQLite [`Database`]: reads from its pool, writes on its write
+/// connection.
+#[derive(Debug, Clone)]
+pub struct SqliteOutbox {
+    db: Database,
+}
+
+impl SqliteOutbox {
+    /// The outbox table of `db`.
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+}
+
+fn undecodable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatabaseError {
+    DatabaseError::new(error, false)
+}
+
+fn pending_row(row: &SqliteRow) -> Result<PendingRow, DatabaseError> {
+    let message_id: String = row.try_get("message_id")?;
+    let data: String = row.try_get("data")?;
+    Ok(PendingRow {
+        id: row.try_get("id")?,
+        message: OutgoingMessage {
+            message_id: Uuid::parse_str(&message_id).map_err(undecodable)?,
+            event_type: row.try_get("event_type")?,
+            version: u32::try_from(row.try_get::<i64, _>("version")?).map_err(undecodable)?,
+            correlation_id: row.try_get("correlation_id")?,
+            data: Bytes::from(data),
+            trace: trace_context::from_text(
+                row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
+                row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
+            ),
+        },
+    })
+}
+
+impl OutboxStorage for SqliteOutbox {
+    fn unsent(&self, limit: i64) -> BoxFuture<'_, Result<Vec<PendingRow>, DatabaseError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT id, message_id, event_type, version, correlation_id, data, traceparent, \
+                 tracestate FROM outbox \
+                 WHERE sent_at IS NULL ORDER BY id LIMIT ?",
+            )
+            .bind(limit)
+            .fetch_all(self.db.pool())
+            .await?;
+            rows.iter().map(pending_row).collect()
+        })
+    }
+
+    fn mark_sent<'a>(&'a self, ids: &'a [i64]) -> BoxFuture<'a, Result<(), DatabaseError>> {
+        Box::pin(async move {
+            let ids = serde_json::to_string(ids).map_err(undecodable)?;
+            sqlx::query(
+                "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+                 WHERE id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(ids)
+            .execute(&mut *self.db.writer().await?)
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<BacklogSize, DatabaseError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT count(*) AS n, \
+                 coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) AS age \
+                 FROM outbox WHERE sent_at IS NULL",
+            )
+            .fetch_one(self.db.pool())
+            .await?;
+            Ok(BacklogSize {
+                pending: row.try_get("n")?,
+                oldest_age_secs: row.try_get::<f64, _>("age")?.max(0.0),
+            })
+        })
+    }
+
+    fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>> {
+        Box::pin(async move {
+            sqlx::query(
+                "DELETE FROM outbox WHERE sent_at IS NOT NULL \
+                 AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
+            )
+            .bind(format!("-{} seconds", keep.as_secs()))
+            .execute(&mut *self.db.writer().await?)
+            .await?;
+            Ok(())
+        })
+    }
+}
+
 /// Publishes pending outbox rows in order, marking them sent after the confirm.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
-    source: Arc<Source>,
+    storage: Arc<dyn OutboxStorage>,
     publisher: Publisher,
     wake: Arc<Notify>,
     backlog: Backlog,
@@ -150,45 +293,9 @@ struct Backlog {
     oldest_age: Gauge<f64, AtomicU64>,
 }
 
-/// The outbox a relay reads, on its backend.
-#[derive(Debug)]
-enum Source {
-    Sqlite(Database),
-    Postgres(postgres::PgOutbox),
-}
-
-/// Unsent rows, oldest first, with their ids.
-type Pending = Vec<(i64, OutgoingMessage)>;
-
-/// Reads one outbox row (either backend: the columns have the same names and types).
-fn message_from_row<'r, R>(row: &'r R) -> Result<(i64, OutgoingMessage), sqlx::Error>
-where
-    R: Row,
-    &'static str: ColumnIndex<R>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
-{
-    let message_id: String = row.try_get("message_id")?;
-    let data: String = row.try_get("data")?;
-    let message = OutgoingMessage {
-        message_id: Uuid::parse_str(&message_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        event_type: row.try_get("event_type")?,
-        version: u32::try_from(row.try_get::<i64, _>("version")?)
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        correlation_id: row.try_get("correlation_id")?,
-        data: Bytes::from(data),
-        trace: trace_context::from_text(
-            row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
-            row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
-        ),
-    };
-    Ok((row.try_get("id")?, message))
-}
-
 /// What one round achieved.
 enum Round {
-    /// Nothing was pending, or another replica leads the relay.
+    /// Nothing was pending.
     Idle,
     /// Every row read was published; `full` when the batch was full (more may be waiting).
     Published { full: bool },
@@ -199,19 +306,13 @@ enum Round {
 impl OutboxRelay {
     /// A relay over `db`'s outbox publishing through `publisher`.
     pub fn new(db: Database, publisher: Publisher) -> Self {
-        Self::over(Source::Sqlite(db), publisher)
+        Self::with_storage(Arc::new(SqliteOutbox::new(db)), publisher)
     }
 
-    /// A relay over a PostgreSQL outbox that several replicas share: it publishes only while
-    /// this replica holds the leader lock ([`postgres::RELAY_LOCK`]), and otherwise stands by,
-    /// trying for the lock every [`POLL_INTERVAL`].
-    pub fn postgres(db: PgDatabase, publisher: Publisher) -> Self {
-        Self::over(Source::Postgres(postgres::PgOutbox::new(db)), publisher)
-    }
-
-    fn over(source: Source, publisher: Publisher) -> Self {
+    /// A relay over the outbox in `storage` (any backend) publishing through `publisher`.
+    pub fn with_storage(storage: Arc<dyn OutboxStorage>, publisher: Publisher) -> Self {
         Self {
-            source: Arc::new(source),
+            storage,
             publisher,
             wake: Arc::new(Notify::new()),
             backlog: Backlog::default(),
@@ -235,22 +336,10 @@ impl OutboxRelay {
     }
 
     /// Reads the backlog into the gauges.
-    async fn measure(&self) -> Result<(), sqlx::Error> {
-        let (pending, age) = match &*self.source {
-            Source::Sqlite(db) => {
-                let row = sqlx::query(
-                    "SELECT count(*) AS n, \
-                     coalesce((julianday('now') - julianday(min(created_at))) * 86400.0, 0.0) \
-                     AS age FROM outbox WHERE sent_at IS NULL",
-                )
-                .fetch_one(db.pool())
-                .await?;
-                (row.try_get("n")?, row.try_get::<f64, _>("age")?)
-            }
-            Source::Postgres(outbox) => outbox.measure().await?,
-        };
-        self.backlog.pending.set(pending);
-        self.backlog.oldest_age.set(age.max(0.0));
+    async fn measure(&self) -> Result<(), DatabaseError> {
+        let backlog = self.storage.backlog().await?;
+        self.backlog.pending.set(backlog.pending);
+        self.backlog.oldest_age.set(backlog.oldest_age_secs);
         Ok(())
     }
 
@@ -262,8 +351,7 @@ impl OutboxRelay {
 
     /// Runs until `shutdown`: publishes what is pending in batches, marks the confirmed prefix
     /// of each batch sent, backs off while publishing fails, and otherwise waits for
-    /// [`notify`](Self::notify) or the [`POLL_INTERVAL`]. On PostgreSQL it does so only while
-    /// it leads, and gives the lead up when it stops.
+    /// [`notify`](Self::notify) or the [`POLL_INTERVAL`].
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0_u32;
         let mut last_prune: Option<Instant> = None;
@@ -321,22 +409,17 @@ impl OutboxRelay {
                 () = tokio::time::sleep(pause) => {}
             }
         }
-        if let Source::Postgres(outbox) = &*self.source {
-            // A standby takes over at its next poll instead of when the server notices.
-            outbox.step_down().await;
-        }
     }
 
     /// Publishes one batch and marks the confirmed prefix sent.
-    async fn round(&self) -> Result<Round, sqlx::Error> {
-        let Some(rows) = self.fetch().await? else {
-            return Ok(Round::Idle);
-        };
+    async fn round(&self) -> Result<Round, DatabaseError> {
+        let rows = self.storage.unsent(BATCH_SIZE).await?;
         if rows.is_empty() {
             return Ok(Round::Idle);
         }
         let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= BATCH_SIZE;
-        let (ids, messages): (Vec<i64>, Vec<OutgoingMessage>) = rows.into_iter().unzip();
+        let (ids, messages): (Vec<i64>, Vec<OutgoingMessage>) =
+            rows.into_iter().map(|row| (row.id, row.message)).unzip();
         // The publish log lines carry the first row's correlation ID; each message carries its own.
         let id = messages
             .first()
@@ -346,9 +429,10 @@ impl OutboxRelay {
         let results = correlation::scope(id, self.publisher.publish_batch(messages)).await;
         // Only the prefix up to the first failure is marked sent, so rows go out in order; a later
         // row that did get through is sent again next round and deduplicated by its consumer.
+        // Every row whose confirm arrived is marked in one statement.
         let confirmed = results.iter().take_while(|r| r.is_ok()).count();
         if confirmed > 0 {
-            self.mark_sent(&ids[..confirmed]).await?;
+            self.storage.mark_sent(&ids[..confirmed]).await?;
         }
         match results.into_iter().find_map(Result::err) {
             Some(error) => Ok(Round::Failed(error.to_string())),
@@ -356,59 +440,8 @@ impl OutboxRelay {
         }
     }
 
-    /// The oldest unsent rows, at most [`BATCH_SIZE`]; `None` when another replica leads.
-    async fn fetch(&self) -> Result<Option<Pending>, sqlx::Error> {
-        match &*self.source {
-            Source::Sqlite(db) => {
-                let rows = sqlx::query(
-                    "SELECT id, message_id, event_type, version, correlation_id, data, \
-                     traceparent, tracestate FROM outbox \
-                     WHERE sent_at IS NULL ORDER BY id LIMIT ?",
-                )
-                .bind(BATCH_SIZE)
-                .fetch_all(db.pool())
-                .await?;
-                rows.iter()
-                    .map(message_from_row)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Some)
-            }
-            Source::Postgres(outbox) => outbox.fetch(BATCH_SIZE).await,
-        }
-    }
-
-    async fn mark_sent(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
-        match &*self.source {
-            Source::Sqlite(db) => {
-                let sent =
-                    serde_json::to_string(ids).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                sqlx::query(
-                    "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-                     WHERE id IN (SELECT value FROM json_each(?))",
-                )
-                .bind(sent)
-                .execute(&mut *db.writer().await?)
-                .await?;
-                Ok(())
-            }
-            Source::Postgres(outbox) => outbox.mark_sent(ids).await,
-        }
-    }
-
-    async fn prune(&self) -> Result<(), sqlx::Error> {
-        match &*self.source {
-            Source::Sqlite(db) => {
-                sqlx::query(
-                    "DELETE FROM outbox WHERE sent_at IS NOT NULL \
-                     AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
-                )
-                .bind(format!("-{} seconds", KEEP_SENT.as_secs()))
-                .execute(&mut *db.writer().await?)
-                .await?;
-                Ok(())
-            }
-            Source::Postgres(outbox) => outbox.prune().await,
-        }
+    async fn prune(&self) -> Result<(), DatabaseError> {
+        self.storage.prune_sent(KEEP_SENT).await
     }
 }
 
@@ -456,6 +489,53 @@ mod tests {
         let data: PriceChanged =
             serde_json::from_str(&row.get::<String, _>("data")).expect("payload");
         assert_eq!(data, event);
+    }
+
+    #[tokio::test]
+    async fn sent_rows_leave_the_backlog_and_are_pruned_only_once_old() {
+        let database = db::connect(
+            "sqlite::memory:",
+            &[
+                (1, "outbox", MIGRATION),
+                (2, "outbox trace context", TRACE_CONTEXT_MIGRATION),
+            ],
+        )
+        .await
+        .expect("opens");
+        let mut tx = database.begin_write().await.expect("begins");
+        for sku in ["MG-07", "BK-12", "HD-44"] {
+            let event = PriceChanged {
+                sku: sku.to_owned(),
+                price: Money(1250),
+                currency: "EUR".to_owned(),
+            };
+            enqueue(&mut tx, &event).await.expect("enqueues");
+        }
+        tx.commit().await.expect("commits");
+        let storage = SqliteOutbox::new(database.clone());
+
+        let unsent = storage.unsent(BATCH_SIZE).await.expect("reads");
+        let ids: Vec<i64> = unsent.iter().map(|row| row.id).collect();
+        assert_eq!(unsent.len(), 3);
+        assert!(ids.is_sorted(), "oldest first");
+        storage.mark_sent(&ids[..2]).await.expect("marks");
+        assert_eq!(storage.backlog().await.expect("reads").pending, 1);
+        sqlx::query("UPDATE outbox SET sent_at = '2000-01-01T00:00:00.000Z' WHERE id = ?")
+            .bind(ids[0])
+            .execute(&mut *database.writer().await.expect("writer"))
+            .await
+            .expect("ages a row");
+
+        storage.prune_sent(KEEP_SENT).await.expect("prunes");
+
+        let left: Vec<i64> = sqlx::query("SELECT id FROM outbox ORDER BY id")
+            .fetch_all(database.pool())
+            .await
+            .expect("reads")
+            .iter()
+            .map(|row| row.get("id"))
+            .collect();
+        assert_eq!(left, ids[1..], "only the row sent long ago is pruned");
     }
 
     #[test]

@@ -8,10 +8,17 @@
 //! standby takes over at its next poll. Why a leader rather than claimed batches: see
 //! `docs/decisions/0520-outbox-relay-leader.md`.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use sqlx::postgres::PgRow;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::Mutex;
+use uuid::Uuid;
 
-use super::{KEEP_SENT, Pending, message_from_row};
+use super::{BacklogSize, OutboxStorage, PendingRow};
+use crate::db::DatabaseError;
 use crate::messaging::OutgoingMessage;
 use crate::pg::PgDatabase;
 use crate::trace_context;
@@ -91,9 +98,14 @@ pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// The relay's side of the outbox on PostgreSQL: the leader session and the statements.
+/// [`OutboxStorage`] on PostgreSQL, shared by several replicas: rows are read and marked only
+/// while this replica holds [`RELAY_LOCK`] on its leader session; otherwise [`unsent`] answers
+/// nothing and the relay idles until its next poll, when it tries for the lock again. Dropping
+/// the storage (with the last relay) closes the session and frees the lock.
+///
+/// [`unsent`]: OutboxStorage::unsent
 #[derive(Debug)]
-pub(super) struct PgOutbox {
+pub struct PgOutbox {
     db: PgDatabase,
     session: Mutex<Session>,
 }
@@ -105,36 +117,49 @@ struct Session {
     leading: bool,
 }
 
+fn undecodable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatabaseError {
+    DatabaseError::new(error, false)
+}
+
+fn pending_row(row: &PgRow) -> Result<PendingRow, DatabaseError> {
+    let message_id: String = row.try_get("message_id")?;
+    let data: String = row.try_get("data")?;
+    Ok(PendingRow {
+        id: row.try_get("id")?,
+        message: OutgoingMessage {
+            message_id: Uuid::parse_str(&message_id).map_err(undecodable)?,
+            event_type: row.try_get("event_type")?,
+            version: u32::try_from(row.try_get::<i64, _>("version")?).map_err(undecodable)?,
+            correlation_id: row.try_get("correlation_id")?,
+            data: Bytes::from(data),
+            trace: trace_context::from_text(
+                row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
+                row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
+            ),
+        },
+    })
+}
+
 impl PgOutbox {
-    pub(super) fn new(db: PgDatabase) -> Self {
+    /// The outbox table of `db`.
+    pub fn new(db: PgDatabase) -> Self {
         Self {
             db,
             session: Mutex::new(Session::default()),
         }
     }
 
-    /// The oldest `limit` unsent rows, read on the leader session; `None` while another replica
-    /// leads. A failure drops the session (and so the lock, if it was held).
-    pub(super) async fn fetch(&self, limit: i64) -> Result<Option<Pending>, sqlx::Error> {
-        let mut session = self.session.lock().await;
-        let result = Self::fetch_on(&self.db, &mut session, limit).await;
-        if result.is_err() {
-            *session = Session::default();
-        }
-        result
-    }
-
-    async fn fetch_on(
+    async fn unsent_on(
         db: &PgDatabase,
         session: &mut Session,
         limit: i64,
-    ) -> Result<Option<Pending>, sqlx::Error> {
+    ) -> Result<Vec<PendingRow>, DatabaseError> {
         if session.connection.is_none() {
             let options = db.pool().connect_options();
             session.connection = Some(PgConnection::connect_with(&options).await?);
         }
         let Some(connection) = session.connection.as_mut() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         if !session.leading {
             let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -142,7 +167,7 @@ impl PgOutbox {
                 .fetch_one(&mut *connection)
                 .await?;
             if !won {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             session.leading = true;
             tracing::info!("this replica now relays the outbox");
@@ -154,58 +179,76 @@ impl PgOutbox {
         .bind(limit)
         .fetch_all(&mut *connection)
         .await?;
-        rows.iter()
-            .map(message_from_row)
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        rows.iter().map(pending_row).collect()
     }
 
-    /// Marks `ids` sent, on the leader session.
-    pub(super) async fn mark_sent(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
-        let mut session = self.session.lock().await;
-        let Some(connection) = session.connection.as_mut() else {
-            return Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::NotConnected,
-                "the relay's leader session is gone",
-            )));
-        };
-        let marked = sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&mut *connection)
-            .await;
-        if marked.is_err() {
-            *session = Session::default();
-        }
-        marked.map(|_| ())
+    /// Whether this replica holds the lead (for tests and logs).
+    pub async fn is_leading(&self) -> bool {
+        self.session.lock().await.leading
+    }
+}
+
+impl OutboxStorage for PgOutbox {
+    /// Read on the leader session; empty while another replica leads. A failure drops the
+    /// session (and so the lock, if it was held).
+    fn unsent(&self, limit: i64) -> BoxFuture<'_, Result<Vec<PendingRow>, DatabaseError>> {
+        Box::pin(async move {
+            let mut session = self.session.lock().await;
+            let result = Self::unsent_on(&self.db, &mut session, limit).await;
+            if result.is_err() {
+                *session = Session::default();
+            }
+            result
+        })
     }
 
-    pub(super) async fn prune(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)")
-            .bind(KEEP_SENT.as_secs_f64())
-            .execute(self.db.pool())
+    /// Marked on the leader session, so rows are marked only by the replica that read them.
+    fn mark_sent<'a>(&'a self, ids: &'a [i64]) -> BoxFuture<'a, Result<(), DatabaseError>> {
+        Box::pin(async move {
+            let mut session = self.session.lock().await;
+            let leading = session.leading;
+            let Some(connection) = session.connection.as_mut().filter(|_| leading) else {
+                return Err(DatabaseError::new(
+                    "the relay's leader session is gone",
+                    true,
+                ));
+            };
+            let marked = sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+                .bind(ids)
+                .execute(&mut *connection)
+                .await;
+            if marked.is_err() {
+                *session = Session::default();
+            }
+            marked?;
+            Ok(())
+        })
+    }
+
+    fn backlog(&self) -> BoxFuture<'_, Result<BacklogSize, DatabaseError>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT count(*) AS n, \
+                 coalesce(extract(epoch FROM now() - min(created_at))::float8, 0.0) AS age \
+                 FROM outbox WHERE sent_at IS NULL",
+            )
+            .fetch_one(self.db.pool())
             .await?;
-        Ok(())
+            Ok(BacklogSize {
+                pending: row.try_get("n")?,
+                oldest_age_secs: row.try_get::<f64, _>("age")?.max(0.0),
+            })
+        })
     }
 
-    /// Unsent rows and the oldest one's age in seconds.
-    pub(super) async fn measure(&self) -> Result<(i64, f64), sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT count(*) AS n, \
-             coalesce(extract(epoch FROM now() - min(created_at))::float8, 0.0) AS age \
-             FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(self.db.pool())
-        .await?;
-        Ok((row.try_get("n")?, row.try_get("age")?))
-    }
-
-    /// Gives up leadership (at shutdown), so a standby takes over at once.
-    pub(super) async fn step_down(&self) {
-        let mut session = self.session.lock().await;
-        if let Some(connection) = session.connection.take() {
-            let _ = connection.close().await;
-        }
-        session.leading = false;
+    fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>> {
+        Box::pin(async move {
+            sqlx::query("DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)")
+                .bind(keep.as_secs_f64())
+                .execute(self.db.pool())
+                .await?;
+            Ok(())
+        })
     }
 }
 
@@ -221,7 +264,7 @@ mod tests {
         Broker, ConsumerSpec, Handler, HandlerFuture, IncomingMessage, MessagingSettings,
     };
     use crate::money::Money;
-    use crate::outbox::OutboxRelay;
+    use crate::outbox::{OutboxRelay, OutboxStorage};
     use crate::testing::postgres::TestDatabase;
     use crate::testing::{amqp_url, assert_eventually};
 
@@ -297,14 +340,20 @@ mod tests {
         })
         .await;
 
-        let first = OutboxRelay::postgres(database.clone(), broker.publisher());
+        let relay = |database: &PgDatabase| {
+            OutboxRelay::with_storage(
+                Arc::new(PgOutbox::new(database.clone())),
+                broker.publisher(),
+            )
+        };
+        let first = relay(&database);
         let stop_first = CancellationToken::new();
         let first_running = tokio::spawn(first.clone().run(stop_first.clone()));
         assert_eventually("the first relay leads", || async {
             leader_locks(&database).await == 1
         })
         .await;
-        let second = OutboxRelay::postgres(database.clone(), broker.publisher());
+        let second = relay(&database);
         let stop_second = CancellationToken::new();
         let second_running = tokio::spawn(second.clone().run(stop_second.clone()));
 
@@ -320,6 +369,8 @@ mod tests {
 
         stop_first.cancel();
         first_running.await.expect("the first relay stops");
+        // The last relay over its storage is gone: its session closes and frees the lock.
+        drop(first);
         let after = skus(300..600);
         enqueue_all(&database, &after).await;
         second.notify();
@@ -346,12 +397,11 @@ mod tests {
             .await
             .expect("opens");
         let outbox = PgOutbox::new(database.clone());
-        assert!(outbox.fetch(10).await.expect("reads").is_some(), "leads");
+        outbox.unsent(10).await.expect("reads");
+        assert!(outbox.is_leading().await, "leads");
         let standby = PgOutbox::new(database.clone());
-        assert!(
-            standby.fetch(10).await.expect("reads").is_none(),
-            "stands by"
-        );
+        standby.unsent(10).await.expect("reads");
+        assert!(!standby.is_leading().await, "stands by");
 
         // What the server does when the leader's process dies: its session ends.
         sqlx::query(
@@ -363,15 +413,11 @@ mod tests {
         .await
         .expect("terminates the leader's session");
 
-        assert!(outbox.fetch(10).await.is_err(), "the old leader notices");
-        assert!(
-            standby.fetch(10).await.expect("reads").is_some(),
-            "the standby leads"
-        );
-        assert!(
-            outbox.fetch(10).await.expect("reads").is_none(),
-            "the old leader stands by"
-        );
+        assert!(outbox.unsent(10).await.is_err(), "the old leader notices");
+        standby.unsent(10).await.expect("reads");
+        assert!(standby.is_leading().await, "the standby leads");
+        outbox.unsent(10).await.expect("reads");
+        assert!(!outbox.is_leading().await, "the old leader stands by");
         database.close().await;
     }
 }
