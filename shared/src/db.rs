@@ -441,6 +441,14 @@ async fn migrate(
     pool: &SqlitePool,
     migrations: &[(i64, &'static str, &'static str)],
 ) -> Result<(), sqlx::Error> {
+    migrator(migrations).await?.run(pool).await?;
+    Ok(())
+}
+
+/// A migrator over embedded `(version, description, sql)` migrations, for either backend.
+pub(crate) async fn migrator(
+    migrations: &[(i64, &'static str, &'static str)],
+) -> Result<Migrator, sqlx::migrate::MigrateError> {
     let mut resolved: Vec<Migration> = migrations
         .iter()
         .map(|(version, description, sql)| {
@@ -454,8 +462,7 @@ async fn migrate(
         })
         .collect();
     resolved.sort_by_key(|m| m.version);
-    Migrator::new(Embedded(resolved)).await?.run(pool).await?;
-    Ok(())
+    Migrator::new(Embedded(resolved)).await
 }
 
 #[cfg(test)]

@@ -15,10 +15,11 @@
 //! | [`health`] / [`metrics`] | `/healthz`, `/readyz`, `/metrics` |
 //! | [`messaging`] / [`events`] | RabbitMQ: supervisor, topology, confirmed publishing, consumers, DLQ |
 //! | [`db`] / [`outbox`] / [`inbox`] | SQLite per service, transactional outbox and relay, consumer inbox |
+//! | [`pg`] | PostgreSQL per service (several replicas): pool, migrations, backend choice |
 //! | [`money`] | amounts in cents |
 //! | [`config`] | reading the environment in one place |
 //! | [`shutdown`] | SIGINT/SIGTERM and bounded draining |
-//! | `testing` (feature `testing`) | what every test harness shares: `assert_eventually`, the test broker, quiet logs |
+//! | `testing` (feature `testing`) | what every test harness shares: `assert_eventually`, the test broker, a PostgreSQL database per test, quiet logs |
 
 pub mod admission;
 pub mod client;
@@ -33,6 +34,7 @@ pub mod messaging;
 pub mod metrics;
 pub mod money;
 pub mod outbox;
+pub mod pg;
 pub mod problem;
 pub mod server;
 pub mod shutdown;

@@ -3,6 +3,10 @@
 //! Delivery is at least once, so a consumer may see a message twice. Recording the ID and
 //! applying the effect in one transaction makes the pair atomic: either both happened (and a
 //! redelivery is skipped) or neither did (and the redelivery does the work).
+//!
+//! This module is the SQLite inbox; [`postgres`] is the same on PostgreSQL.
+
+pub mod postgres;
 
 use sqlx::SqliteConnection;
 use uuid::Uuid;

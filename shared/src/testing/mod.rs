@@ -128,3 +128,5 @@ pub fn untraced_subscriber(logs: CapturedLogs) -> Box<dyn tracing::Subscriber + 
     };
     get_subscriber("test", &settings, logs)
 }
+
+pub mod postgres;

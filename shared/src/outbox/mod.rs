@@ -11,7 +11,8 @@
 //!
 //! Writing a row ([`enqueue`]) happens inside the service's own transaction; the relay reaches
 //! the table only through [`OutboxStorage`], so another database backend adds an implementation
-//! beside [`SqliteOutbox`] and keeps the relay.
+//! beside [`SqliteOutbox`] and keeps the relay: [`postgres`] holds the outbox on PostgreSQL and
+//! [`postgres::PgOutbox`], whose leader guard lets several replicas share one outbox.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -33,6 +34,8 @@ use crate::db::{Database, DatabaseError};
 use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
 use crate::trace_context;
+
+pub mod postgres;
 
 /// The SQL that creates the outbox table; include it in the service's migrations.
 pub const MIGRATION: &str = "\
