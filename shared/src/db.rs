@@ -78,19 +78,39 @@ impl DatabaseError {
 }
 
 impl From<sqlx::Error> for DatabaseError {
-    /// Busy means the pool had no connection in time, or SQLite's `BUSY` or `LOCKED` (extended
-    /// codes keep the primary code in the low byte).
+    /// Transient means retrying shortly may succeed: the pool had no connection in time, the
+    /// connection to the server was lost, SQLite's `BUSY` or `LOCKED` (extended codes keep the
+    /// primary code in the low byte), or one of PostgreSQL's [`transient_sqlstate`]s.
     fn from(error: sqlx::Error) -> Self {
         let transient = match &error {
-            sqlx::Error::PoolTimedOut => true,
-            sqlx::Error::Database(db) => db
-                .code()
-                .and_then(|code| code.parse::<i32>().ok())
-                .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+            sqlx::Error::Database(db) => {
+                match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    Some(pg) => transient_sqlstate(pg.code()),
+                    None => db
+                        .code()
+                        .and_then(|code| code.parse::<i32>().ok())
+                        .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+                }
+            }
             _ => false,
         };
         Self::new(error, transient)
     }
+}
+
+/// Whether a PostgreSQL error code (SQLSTATE) means "busy or briefly away" rather than "this
+/// statement is wrong": a statement cancelled by `statement_timeout` (`57014`, a lock held too
+/// long), a lock not available (`55P03`), a serialization failure or deadlock (`40001`, `40P01`,
+/// the server chose this transaction to roll back), too many connections (`53300`), the server
+/// shutting down or starting (`57P01`–`57P03`), and every connection exception (class `08`).
+/// Each of these is a `503` with `Retry-After` to a client and a retry to a consumer; anything
+/// else (a constraint violated, a syntax error) stays a bug to surface.
+pub fn transient_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "57014" | "55P03" | "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03"
+    ) || code.starts_with("08")
 }
 
 /// How durable a commit is (`SQLITE_SYNCHRONOUS`).

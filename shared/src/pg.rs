@@ -280,6 +280,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_statement_timeout_is_transient_and_a_constraint_violation_is_not() {
+        use crate::db::DatabaseError;
+        let test = TestDatabase::create().await;
+        let database = PgDatabase::connect(test.url(), MIGRATIONS)
+            .await
+            .expect("opens");
+        let mut tx = database.pool().begin().await.expect("begins");
+        sqlx::query("SET LOCAL statement_timeout = '20ms'")
+            .execute(&mut *tx)
+            .await
+            .expect("sets");
+        let timed_out = sqlx::query("SELECT pg_sleep(2)")
+            .execute(&mut *tx)
+            .await
+            .expect_err("cancelled by the server");
+        assert!(DatabaseError::from(timed_out).is_transient());
+        drop(tx);
+
+        let duplicate = sqlx::query("INSERT INTO notes (id, body) VALUES (1, 'a'), (1, 'b')")
+            .execute(database.pool())
+            .await
+            .expect_err("a primary key violated");
+        assert!(!DatabaseError::from(duplicate).is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_answer_is_transient() {
+        let pool = pool_options()
+            .acquire_timeout(Duration::from_millis(300))
+            .connect_lazy_with(options("postgres://postgres@127.0.0.1:1/none").expect("valid"));
+        let error = sqlx::query("SELECT 1")
+            .execute(&pool)
+            .await
+            .expect_err("nothing listens on port 1");
+        assert!(crate::db::DatabaseError::from(error).is_transient());
+    }
+
+    #[tokio::test]
     async fn an_unreachable_server_is_retried_and_readiness_says_why() {
         let shutdown = CancellationToken::new();
         // Port 1 refuses connections on every machine.
