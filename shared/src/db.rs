@@ -150,12 +150,23 @@ impl DbSettings {
     /// directory) and `SQLITE_SYNCHRONOUS` (`NORMAL` or `FULL`, default `NORMAL`).
     ///
     /// # Errors
-    /// [`ConfigError`] for an unknown `SQLITE_SYNCHRONOUS`.
+    /// [`ConfigError`] for a `DATABASE_URL` that is neither `sqlite:` nor `postgres://` (so a
+    /// typo fails at startup, naming the variable) or an unknown `SQLITE_SYNCHRONOUS`.
     pub fn from_env(env: &Env, service: &str) -> Result<Self, ConfigError> {
+        let url = env.string_or("DATABASE_URL", &format!("sqlite://data/{service}.db"));
+        crate::pg::Backend::of(&url)?;
         Ok(Self {
-            url: env.string_or("DATABASE_URL", &format!("sqlite://data/{service}.db")),
+            url,
             durability: env.parse_or("SQLITE_SYNCHRONOUS", Durability::Normal)?,
         })
+    }
+
+    /// Which database [`DbSettings::url`] names.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `DATABASE_URL` for an unknown scheme.
+    pub fn backend(&self) -> Result<crate::pg::Backend, ConfigError> {
+        crate::pg::Backend::of(&self.url)
     }
 }
 
@@ -546,6 +557,22 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_database_url_of_an_unknown_scheme_fails_at_startup_naming_the_variable() {
+        let env = crate::config::Env::from_pairs([("DATABASE_URL", "mysql://u:secret@h/db")]);
+        let error = DbSettings::from_env(&env, "orders").expect_err("refused");
+        assert_eq!(error.key, "DATABASE_URL");
+        let env = crate::config::Env::from_pairs([("DATABASE_URL", "postgres://h/orders")]);
+        let settings = DbSettings::from_env(&env, "orders").expect("accepted");
+        assert_eq!(settings.backend().ok(), Some(crate::pg::Backend::Postgres));
+        let default = DbSettings::from_env(
+            &crate::config::Env::from_pairs::<[(&str, &str); 0], _, _>([]),
+            "orders",
+        )
+        .expect("the default");
+        assert_eq!(default.backend().ok(), Some(crate::pg::Backend::Sqlite));
     }
 
     #[tokio::test]

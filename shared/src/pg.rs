@@ -175,6 +175,27 @@ impl PgDatabase {
         &self.pool
     }
 
+    /// The pool once the migrations have been applied; until then a transient
+    /// [`DatabaseError`](crate::db::DatabaseError) saying why, so a request that arrives while
+    /// the server is still away is a `503` with `Retry-After` rather than a `500` about a
+    /// missing table. Stores take their connections through this.
+    ///
+    /// # Errors
+    /// Not migrated yet (transient).
+    pub fn ready_pool(&self) -> Result<&PgPool, crate::db::DatabaseError> {
+        let readiness = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match readiness {
+            Readiness::Ready => Ok(&self.pool),
+            Readiness::Starting(why) => Err(crate::db::DatabaseError::new(
+                format!(
+                    "database not migrated yet: {}",
+                    why.as_deref().unwrap_or("connecting")
+                ),
+                true,
+            )),
+        }
+    }
+
     /// Checks the database is migrated and answers (readiness).
     ///
     /// # Errors
@@ -337,6 +358,24 @@ mod tests {
             }
         })
         .await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn until_migrated_the_pool_is_refused_with_a_transient_error() {
+        let shutdown = CancellationToken::new();
+        let database = PgDatabase::start(
+            "postgres://postgres@127.0.0.1:1/none",
+            MIGRATIONS,
+            shutdown.clone(),
+        )
+        .expect("a valid URL");
+        let refused = database.ready_pool().expect_err("not migrated");
+        assert!(refused.is_transient());
+        assert!(
+            refused.to_string().contains("not migrated yet"),
+            "{refused}"
+        );
         shutdown.cancel();
     }
 
