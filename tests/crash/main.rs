@@ -24,15 +24,16 @@
 #[allow(dead_code)] // the trace test's broker proxy is not used here
 mod stack;
 
+mod orders;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::QueueDeclareOptions;
-use lapin::{Connection, ConnectionProperties};
-use serde_json::{Value, json};
+use orders::{assert_eventually_drained, get_json, metric, place_until_answered, units_sold};
+use serde_json::json;
 use stack::{Stack, amqp_url};
 use tokio::time::Instant;
 
@@ -52,11 +53,6 @@ const DEAD_FOR: Duration = Duration::from_secs(2);
 const RESERVATION_TTL_MS: &str = "3000";
 /// Units on hand at the start: more than the orders can take, so no order is refused for stock.
 const ON_HAND: i64 = 1_000_000;
-/// How long a client waits before sending an unanswered order again, and how often it tries:
-/// 100 tries 200 ms apart outlast inventory's restart and order-service's breaker (open for
-/// seconds) many times over.
-const RESEND_AFTER: Duration = Duration::from_millis(200);
-const RESENDS: usize = 100;
 /// The whole scenario's bound: it takes about a minute; ten only expires when something hangs.
 const SCENARIO_WITHIN: Duration = Duration::from_secs(600);
 /// How long the system may take to settle after the load (expiry, the relay, the consumers):
@@ -98,7 +94,7 @@ async fn scenario() {
         "restock: {}",
         response.status()
     );
-    let sold_before = units_sold(&http, &stack).await;
+    let sold_before = units_sold(&http, &stack.service("pricing").url(""), "BK-12").await;
 
     // The load, with inventory killed once KILL_AFTER orders have been answered.
     let orders_url = stack.service("gateway").url("/api/orders");
@@ -184,8 +180,14 @@ async fn scenario() {
         let stock = get_json(&http, &stock_url).await;
         let taken = ON_HAND - stock["onHand"].as_i64().unwrap_or(-1);
         let reserved = stock["reserved"].as_i64().unwrap_or(-1);
-        let sold = units_sold(&http, &stack).await - sold_before;
-        let unsent = metric(&http, &stack, "order", "outbox_pending_rows").await;
+        let sold =
+            units_sold(&http, &stack.service("pricing").url(""), "BK-12").await - sold_before;
+        let unsent = metric(
+            &http,
+            &stack.service("order").url(""),
+            "outbox_pending_rows",
+        )
+        .await;
         let settled = taken == expected && reserved == 0 && sold == expected && unsent == Some(0.0);
         if settled {
             println!(
@@ -210,148 +212,4 @@ async fn scenario() {
 
     stack.terminate().await;
     stack.cleanup().await;
-}
-
-/// Sends the order with its key until it is placed, as a client told `503` would (after a
-/// pause, so the load does not spin while inventory is away); returns the order's ID and the
-/// status of every answer (`0` for none). A refusal for good fails the test.
-async fn place_until_answered(
-    http: &reqwest::Client,
-    url: &str,
-    key: &str,
-) -> (String, Vec<String>) {
-    let mut answers = Vec::new();
-    for _ in 0..RESENDS {
-        let outcome = place(http, url, key).await;
-        answers.push(outcome.label());
-        match outcome {
-            Outcome::Placed(id) => return (id, answers),
-            Outcome::Refused(status, body) => panic!("order {key} was refused ({status}): {body}"),
-            Outcome::Unanswered(_) => tokio::time::sleep(RESEND_AFTER).await,
-        }
-    }
-    panic!("order {key} was not placed after {RESENDS} tries: {answers:?}");
-}
-
-/// What one attempt at placing an order got.
-enum Outcome {
-    /// `201`, with the order's ID.
-    Placed(String),
-    /// A `4xx` that sending again will not change.
-    Refused(u16, String),
-    /// No answer, or one that may change when sent again (`5xx`, `429`): the status, 0 for none.
-    Unanswered(u16),
-}
-
-impl Outcome {
-    fn label(&self) -> String {
-        match self {
-            Self::Placed(_) => "201".to_owned(),
-            Self::Refused(status, _) | Self::Unanswered(status) => status.to_string(),
-        }
-    }
-}
-
-async fn place(http: &reqwest::Client, url: &str, key: &str) -> Outcome {
-    let response = http
-        .post(url)
-        .header("idempotency-key", key)
-        .json(&json!({"items": [{"sku": "BK-12", "qty": 1}]}))
-        .send()
-        .await;
-    let Ok(response) = response else {
-        return Outcome::Unanswered(0);
-    };
-    let status = response.status().as_u16();
-    let body = response.text().await.unwrap_or_default();
-    match status {
-        201 => {
-            let order: Value = serde_json::from_str(&body).expect("a 201 carries the order");
-            Outcome::Placed(
-                order["id"]
-                    .as_str()
-                    .expect("the order has an id")
-                    .to_owned(),
-            )
-        }
-        429 | 500..=599 => Outcome::Unanswered(status),
-        _ => Outcome::Refused(status, body),
-    }
-}
-
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    match http.get(url).send().await {
-        Ok(response) => response.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
-}
-
-/// Pricing's count of `BK-12` units sold.
-async fn units_sold(http: &reqwest::Client, stack: &Stack) -> i64 {
-    let price = get_json(http, &stack.service("pricing").url("/prices/BK-12")).await;
-    price["unitsSold"].as_i64().unwrap_or(-1)
-}
-
-/// The sum of `service`'s samples of metric `name`, `None` when it is not exposed.
-async fn metric(http: &reqwest::Client, stack: &Stack, service: &str, name: &str) -> Option<f64> {
-    let text = http
-        .get(stack.service(service).url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let samples: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!samples.is_empty()).then(|| samples.iter().sum())
-}
-
-/// Waits until every consumer queue of the namespace, and its DLQ, holds no message (a
-/// redelivered duplicate may still be on its way when the counts above already add up).
-async fn assert_eventually_drained(namespace: &str) {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("connects to the broker");
-    let channel = connection.create_channel().await.expect("channel");
-    let deadline = Instant::now() + SETTLE_WITHIN;
-    loop {
-        let mut waiting = Vec::new();
-        for queue in [
-            "order.price-events",
-            "inventory.order-events",
-            "pricing.order-events",
-        ] {
-            for suffix in ["", ".dlq"] {
-                let name = format!("{namespace}.{queue}{suffix}");
-                let declared = channel
-                    .queue_declare(
-                        name.as_str().into(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        Default::default(),
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("{name} exists: {e}"));
-                if declared.message_count() > 0 {
-                    waiting.push((name, declared.message_count()));
-                }
-            }
-        }
-        if waiting.is_empty() {
-            break;
-        }
-        assert!(
-            waiting.iter().all(|(name, _)| !name.ends_with(".dlq")),
-            "messages were dead-lettered: {waiting:?}"
-        );
-        assert!(Instant::now() < deadline, "queues not drained: {waiting:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let _ = connection.close(200, "OK".into()).await;
 }

@@ -46,7 +46,7 @@ pub fn release_dir() -> PathBuf {
 
 /// A running service process, and how to start it again.
 pub struct Service {
-    pub name: &'static str,
+    pub name: String,
     pub port: u16,
     pub log: PathBuf,
     child: Child,
@@ -60,8 +60,22 @@ impl Service {
     }
 }
 
-/// The four services, each on its own loopback port and SQLite file, in a broker namespace of
-/// their own.
+/// What to start: which database each service keeps its state in, and how many replicas of
+/// pricing, inventory and order (the gateway is one process).
+pub struct Layout<'a> {
+    /// Trace export: the OTLP endpoint and the milliseconds between batch exports.
+    pub otlp: Option<(&'a str, u64)>,
+    /// The broker URL order-service is given (a proxy the test can cut, or the broker).
+    pub order_amqp_url: &'a str,
+    /// Processes of each of pricing, inventory and order.
+    pub replicas: usize,
+    /// `DATABASE_URL` of each service by name (`"order"`, …): `None` for a SQLite file each.
+    pub postgres: Option<&'a dyn Fn(&str) -> String>,
+    /// Further environment variables, as `(service, name, value)`.
+    pub extra: &'a [(&'a str, &'a str, &'a str)],
+}
+
+/// The services, each on its own loopback port and database, in a broker namespace of their own.
 pub struct Stack {
     pub services: Vec<Service>,
     pub namespace: String,
@@ -82,62 +96,104 @@ impl Stack {
         order_amqp_url: &str,
         extra: &[(&str, &str, &str)],
     ) -> Self {
+        Self::start_layout(Layout {
+            otlp,
+            order_amqp_url,
+            replicas: 1,
+            postgres: None,
+            extra,
+        })
+        .await
+    }
+
+    /// Starts the stack `layout` describes and waits until every process is ready. With more
+    /// than one replica, pricing, inventory and order run as `<name>-1`, `<name>-2`, …, and every
+    /// caller is given the list of all replicas' URLs (comma-separated, as the binaries take it).
+    pub async fn start_layout(layout: Layout<'_>) -> Self {
+        assert!(
+            layout.replicas == 1 || layout.postgres.is_some(),
+            "replicas share their state: more than one needs PostgreSQL"
+        );
         let namespace = format!("trace-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let workdir = std::env::temp_dir().join(&namespace);
         std::fs::create_dir_all(&workdir).expect("creates the work directory");
-        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-        let url = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
         let plan = [
-            ("pricing", "pricing-service", amqp_url()),
-            ("inventory", "inventory-service", amqp_url()),
-            ("order", "order-service", order_amqp_url.to_owned()),
-            ("gateway", "gateway", amqp_url()),
+            ("pricing", "pricing-service", layout.replicas),
+            ("inventory", "inventory-service", layout.replicas),
+            ("order", "order-service", layout.replicas),
+            ("gateway", "gateway", 1),
         ];
+        let ports: Vec<Vec<u16>> = plan
+            .iter()
+            .map(|(_, _, n)| (0..*n).map(|_| free_port()).collect())
+            .collect();
+        let urls = |i: usize| {
+            ports[i]
+                .iter()
+                .map(|port| format!("http://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let mut services = Vec::new();
-        for (i, (name, binary, amqp)) in plan.into_iter().enumerate() {
+        for (i, (name, binary, replicas)) in plan.into_iter().enumerate() {
             let path = release_dir().join(binary);
             assert!(
                 path.exists(),
                 "{} is missing: run `cargo build --release` first",
                 path.display()
             );
-            let log = workdir.join(format!("{name}.log"));
-            let mut env: Vec<(String, String)> = match otlp {
-                Some((endpoint, delay_ms)) => vec![
-                    ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.into()),
-                    ("OTEL_BSP_SCHEDULE_DELAY".into(), delay_ms.to_string()),
-                ],
-                None => Vec::new(),
+            let amqp = if name == "order" {
+                layout.order_amqp_url.to_owned()
+            } else {
+                amqp_url()
             };
-            let database = workdir.join(format!("{name}.db"));
-            for (key, value) in [
-                ("HOST", "127.0.0.1".to_owned()),
-                ("PORT", ports[i].to_string()),
-                ("AMQP_URL", amqp),
-                ("EVENTS_NAMESPACE", namespace.clone()),
-                ("DATABASE_URL", format!("sqlite://{}", database.display())),
-                ("PRICING_URL", url(0)),
-                ("INVENTORY_URL", url(1)),
-                ("ORDER_URL", url(2)),
-                ("LOG_FORMAT", "json".to_owned()),
-                ("RUST_LOG", "info".to_owned()),
-            ] {
-                env.push((key.to_owned(), value));
-            }
-            for (service, key, value) in extra {
-                if *service == name {
-                    env.push(((*key).to_owned(), (*value).to_owned()));
+            let database = match layout.postgres {
+                Some(url_of) if name != "gateway" => url_of(name),
+                _ => format!("sqlite://{}", workdir.join(format!("{name}.db")).display()),
+            };
+            for (replica, port) in ports[i].iter().enumerate() {
+                let instance = if replicas == 1 {
+                    name.to_owned()
+                } else {
+                    format!("{name}-{}", replica + 1)
+                };
+                let log = workdir.join(format!("{instance}.log"));
+                let mut env: Vec<(String, String)> = match layout.otlp {
+                    Some((endpoint, delay_ms)) => vec![
+                        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.into()),
+                        ("OTEL_BSP_SCHEDULE_DELAY".into(), delay_ms.to_string()),
+                    ],
+                    None => Vec::new(),
+                };
+                for (key, value) in [
+                    ("HOST", "127.0.0.1".to_owned()),
+                    ("PORT", port.to_string()),
+                    ("AMQP_URL", amqp.clone()),
+                    ("EVENTS_NAMESPACE", namespace.clone()),
+                    ("DATABASE_URL", database.clone()),
+                    ("PRICING_URL", urls(0)),
+                    ("INVENTORY_URL", urls(1)),
+                    ("ORDER_URL", urls(2)),
+                    ("LOG_FORMAT", "json".to_owned()),
+                    ("RUST_LOG", "info".to_owned()),
+                ] {
+                    env.push((key.to_owned(), value));
                 }
+                for (service, key, value) in layout.extra {
+                    if *service == name {
+                        env.push(((*key).to_owned(), (*value).to_owned()));
+                    }
+                }
+                let child = spawn(&path, &workdir, &env, &log, false);
+                services.push(Service {
+                    name: instance,
+                    port: *port,
+                    log,
+                    child,
+                    binary: path.clone(),
+                    env,
+                });
             }
-            let child = spawn(&path, &workdir, &env, &log, false);
-            services.push(Service {
-                name,
-                port: ports[i],
-                log,
-                child,
-                binary: path,
-                env,
-            });
         }
         let stack = Self {
             services,
