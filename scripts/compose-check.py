@@ -20,15 +20,26 @@ Static (always):
   * SQLite files live on a named volume of their own; only gateway and rabbitmq publish ports (and
     the observability profile's tools, each its own UI);
   * every service with an AMQP_URL sets AMQP_QUEUE_TYPE to `classic` or `quorum`, all the same, and
-    `classic` when the host sets nothing (compose runs one broker node).
+    `classic` when the host sets nothing (compose runs one broker node);
+  * a postgres:// DATABASE_URL names the compose `postgres` service on 5432, a database of its own
+    that the server's init script creates, and the service waits for the server to be healthy;
+  * a service runs more than one replica (`deploy.replicas`) only on PostgreSQL: replicas of a
+    SQLite service would each need the one file, which is correct on one host only by accident.
+
+Several --compose files are merged as compose merges them (mappings key by key, later files win;
+lists such as volumes and ports are concatenated), so an override such as
+docker-compose.postgres.yml is checked as the stack it makes.
 
 Runtime (unless --static-only): "every variable a service reads is set or has a default that works
 under compose" cannot be read off the source, so it is proven by running: the four release binaries
 are started with exactly the environment compose gives them (interpolated from this process's
 environment like compose does), in the order `depends_on` allows, with two rewrites only: SQLite
-paths under /app move to a temporary directory, and, when `rabbitmqctl` can be used, AMQP_URL's
-virtual host becomes a throw-away one (host and port stay as written) so the run shares nothing
-with other users of the broker and leaves nothing behind. The compose DNS names must resolve to
+paths under /app move to a temporary directory; when `rabbitmqctl` can be used, AMQP_URL's
+virtual host becomes a throw-away one (host and port stay as written); and a postgres:// URL gets a
+throw-away database of its own, created and dropped here, and the server's local superuser (the
+development server trusts it). So the run shares nothing with other users of the broker or the
+database server and leaves nothing behind. Replicas run as one process each here (on one host they
+would all want the same port); the replica test (tests/replicas) runs several. The compose DNS names must resolve to
 loopback (.ci/run adds them to /etc/hosts). The check waits for every /healthz and /readyz, places
 an order through the gateway on its published port, reads it back, waits for pricing to count the
 units sold (so the event went through RabbitMQ), then stops everything with SIGTERM, as
@@ -41,7 +52,7 @@ Parsing uses PyYAML's safe_load (which also resolves the `<<:` merge keys the fi
 with the development machines' Python and .ci/run installs it with pip when it is missing. A
 hand-written YAML subset parser would be one more thing to trust.
 
-Usage: python3 scripts/compose-check.py [--static-only] [--profile release|debug] [--keep] [--compose FILE]
+Usage: python3 scripts/compose-check.py [--static-only] [--profile release|debug] [--keep] [--compose FILE]...
 """
 
 from __future__ import annotations
@@ -85,6 +96,10 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 BROKER = "rabbitmq"
 AMQP_PORT = 5672
+DATABASE_SERVER = "postgres"
+POSTGRES_PORT = 5432
+# Where the init scripts of the official image go; their CREATE DATABASE statements are read.
+INIT_DIR = "/docker-entrypoint-initdb.d"
 MANAGEMENT_PORT = 15672
 PUBLIC_SERVICE = "gateway"
 # The optional tools of `docker compose --profile observability up`, and the UI port each may publish.
@@ -141,6 +156,34 @@ def environment_of(service: dict, host_env: dict[str, str]) -> dict[str, str]:
             pairs[key] = val if sep else host_env.get(key, "")
         raw = pairs
     return {str(k): interpolate("" if v is None else str(v), host_env) for k, v in raw.items()}
+
+
+def merge(base, override):
+    """Compose's merge of an override file: mappings key by key (later wins), lists concatenated
+    without repeats (volumes, ports), anything else replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        return base + [item for item in override if item not in base]
+    return override
+
+
+def databases_created(services: dict) -> set[str]:
+    """The databases the `postgres` service's mounted init scripts create."""
+    created: set[str] = set()
+    for volume in (services.get(DATABASE_SERVER) or {}).get("volumes", []):
+        source, _, target = str(volume).partition(":")
+        target = target.split(":")[0]
+        if not target.startswith(INIT_DIR) or not source.startswith("."):
+            continue
+        path = ROOT / source
+        if path.is_file():
+            for name in re.findall(r'CREATE\s+DATABASE\s+"?(\w+)"?', path.read_text(), re.IGNORECASE):
+                created.add(name)
+    return created
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,11 +303,34 @@ def static_checks(compose: dict, dockerfile: str, host_env: dict[str, str], repo
                 if url.scheme == "amqp":
                     check(host == BROKER and port == AMQP_PORT, f"{app.name}: {key} points at {BROKER}:{AMQP_PORT}")
                     check(app.depends_on.get(BROKER) == "service_healthy", f"{app.name}: waits for {BROKER} to be healthy")
+                elif url.scheme in ("postgres", "postgresql"):
+                    check(key == "DATABASE_URL", f"{app.name}: a postgres:// URL is the DATABASE_URL (is {key})")
+                    check(host == DATABASE_SERVER and port == POSTGRES_PORT,
+                          f"{app.name}: {key} points at {DATABASE_SERVER}:{POSTGRES_PORT}")
+                    check(app.depends_on.get(DATABASE_SERVER) == "service_healthy",
+                          f"{app.name}: waits for {DATABASE_SERVER} to be healthy")
+                    database = url.path.lstrip("/")
+                    check(database in databases_created(services),
+                          f"{app.name}: database `{database}` is created by {DATABASE_SERVER}'s init script")
                 elif url.scheme in ("http", "https"):
                     if not check(host in apps, f"{app.name}: {key} host `{host}` is a compose application service"):
                         continue
                     check(port == apps[host].port, f"{app.name}: {key} uses port {port}, {host} listens on {apps[host].port}")
                     check(app.depends_on.get(host) == "service_healthy", f"{app.name}: waits for {host} ({key}) to be healthy")
+    # Each service its own database; replicas only where the database is shared by design.
+    databases = [a.env["DATABASE_URL"].split("?")[0] for a in apps.values() if a.env.get("DATABASE_URL", "").startswith("postgres")]
+    check(len(databases) == len(set(databases)), "every service on PostgreSQL has a database of its own")
+    for app in apps.values():
+        replicas = int(((services[app.name].get("deploy") or {}).get("replicas")) or 1)
+        if replicas > 1:
+            check(app.env.get("DATABASE_URL", "").startswith("postgres"),
+                  f"{app.name}: {replicas} replicas only on PostgreSQL (a SQLite file belongs to one process)")
+            check(not services[app.name].get("ports"), f"{app.name}: replicas publish no port")
+    if DATABASE_SERVER in services:
+        server = services[DATABASE_SERVER]
+        test = " ".join(map(str, (server.get("healthcheck") or {}).get("test", [])))
+        check("pg_isready" in test, f"{DATABASE_SERVER} has a pg_isready health check")
+        check(str(server.get("image", "")).startswith("postgres:"), f"{DATABASE_SERVER} runs the postgres image")
     # One queue type for every service on the broker, classic unless the host asks otherwise.
     on_broker = [a for a in apps.values() if "AMQP_URL" in a.env]
     for app in on_broker:
@@ -389,6 +455,49 @@ class Broker:
         return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + urllib.parse.quote(self.vhost, safe=""), u.query, ""))
 
 
+class Databases:
+    """A throw-away database per postgres:// DATABASE_URL, on the server its host and port name,
+    created on entry and dropped (with whatever connections are left) on exit."""
+
+    # The development server trusts its local superuser; the compose file's user and password
+    # exist only in the compose server.
+    SUPERUSER = "postgres"
+
+    def __init__(self) -> None:
+        self.created: list[tuple[str, int, str]] = []
+        self.prefix = f"compose_check_{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "Databases":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for host, port, name in self.created:
+            try:
+                self._psql(host, port, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+                print(f"  warning: could not drop database {name}: {e}")
+        self.created.clear()
+
+    @classmethod
+    def _psql(cls, host: str, port: int, statement: str) -> None:
+        subprocess.run(["psql", "-h", host, "-p", str(port), "-U", cls.SUPERUSER, "-d", "postgres",
+                        "-v", "ON_ERROR_STOP=1", "-qc", statement],
+                       check=True, capture_output=True, timeout=30)
+
+    def rewrite(self, database_url: str) -> str:
+        u = urllib.parse.urlsplit(database_url)
+        if u.scheme not in ("postgres", "postgresql"):
+            return database_url
+        if shutil.which("psql") is None:
+            raise CheckFailed("psql is needed to create the throw-away databases of a postgres:// DATABASE_URL")
+        host, port = u.hostname or "127.0.0.1", u.port or POSTGRES_PORT
+        name = f"{self.prefix}_{u.path.lstrip('/')}"
+        self._psql(host, port, f"CREATE DATABASE {name}")
+        self.created.append((host, port, name))
+        print(f"  using the throw-away database {name}")
+        return urllib.parse.urlunsplit((u.scheme, f"{self.SUPERUSER}@{host}:{port}", "/" + name, u.query, ""))
+
+
 def runtime_check(compose: dict, apps: dict[str, AppService], profile: str, keep: bool, report: Report) -> None:
     target_dir = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     for app in apps.values():
@@ -417,7 +526,7 @@ def runtime_check(compose: dict, apps: dict[str, AppService], profile: str, keep
     running: dict[str, Running] = {}
     ok = False
     try:
-        with Broker() as broker:
+        with Broker() as broker, Databases() as databases:
             for name in start_order(compose["services"]):
                 if name not in apps:
                     continue
@@ -425,7 +534,7 @@ def runtime_check(compose: dict, apps: dict[str, AppService], profile: str, keep
                 for dep, cond in app.depends_on.items():
                     if cond == "service_healthy" and dep in running:
                         wait_healthy(running[dep], running)
-                running[name] = start(app, work, profile, target_dir, broker)
+                running[name] = start(app, work, profile, target_dir, broker, databases)
             for run in running.values():
                 wait_healthy(run, running)
             report.check(True, "every service answers /healthz")
@@ -451,7 +560,7 @@ def runtime_check(compose: dict, apps: dict[str, AppService], profile: str, keep
             print(f"  logs and databases kept in {work}")
 
 
-def start(app: AppService, work: Path, profile: str, target_dir: Path, broker: Broker) -> Running:
+def start(app: AppService, work: Path, profile: str, target_dir: Path, broker: Broker, databases: Databases) -> Running:
     cwd = work / app.name
     (cwd / "data").mkdir(parents=True)
     env = dict(app.env)
@@ -459,6 +568,8 @@ def start(app: AppService, work: Path, profile: str, target_dir: Path, broker: B
     if db.startswith("sqlite:///app/"):
         # The container's WORKDIR /app becomes this service's scratch directory.
         env["DATABASE_URL"] = "sqlite://" + str(cwd) + "/" + db[len("sqlite:///app/"):]
+    elif db:
+        env["DATABASE_URL"] = databases.rewrite(db)
     if "AMQP_URL" in env:
         env["AMQP_URL"] = broker.rewrite(env["AMQP_URL"])
     log = work / f"{app.name}.log"
@@ -538,14 +649,19 @@ def main() -> int:
     parser.add_argument("--static-only", action="store_true", help="skip starting the binaries")
     parser.add_argument("--profile", default="release", choices=["release", "debug"], help="which build to run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary logs and databases")
-    parser.add_argument("--compose", type=Path, default=COMPOSE_FILE, help="the compose file to check")
+    parser.add_argument("--compose", type=Path, action="append",
+                        help="a compose file to check; several are merged in order (default docker-compose.yml)")
     args = parser.parse_args()
 
     report = Report()
     host_env = dict(os.environ)
     try:
-        compose = yaml.safe_load(args.compose.read_text())
-        print("compose-check: static agreement of docker-compose.yml, Dockerfile and code")
+        files = args.compose or [COMPOSE_FILE]
+        compose: dict = {}
+        for file in files:
+            compose = merge(compose, yaml.safe_load(file.read_text()) or {})
+        shown = " + ".join(f.name for f in files)
+        print(f"compose-check: static agreement of {shown}, Dockerfile and code")
         apps = static_checks(compose, DOCKERFILE.read_text(), host_env, report)
         if report.failures:
             raise CheckFailed("static checks failed")
@@ -561,7 +677,7 @@ def main() -> int:
             print(f"  - {failure}")
         return 1
     except yaml.YAMLError as e:
-        print(f"compose-check: FAILED: docker-compose.yml does not parse: {e}")
+        print(f"compose-check: FAILED: a compose file does not parse: {e}")
         return 1
     if report.failures:
         print(f"compose-check: FAILED ({len(report.failures)} of {report.passed + len(report.failures)} checks)")
