@@ -160,14 +160,47 @@ def http(method: str, url: str, body: object | None = None, timeout: float = 5) 
         return error.code, error.read()
 
 
-class Stack:
-    """The four services as local processes, in a temporary directory of their own."""
+class Postgres:
+    """A throw-away database per stateful service on the PostgreSQL server at `PG_URL` (default the
+    development server), created before the services start and dropped after they stop."""
 
-    def __init__(self, target: Path, workdir: Path, amqp_url: str, namespace: str) -> None:
+    STATEFUL = ("pricing", "inventory", "order")
+
+    def __init__(self, namespace: str) -> None:
+        self.server = os.environ.get("PG_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+        self.names = {name: f"{namespace.replace('-', '_')}_{name}" for name in self.STATEFUL}
+
+    def psql(self, statement: str, database: str | None = None) -> str:
+        url = self.server if database is None else self.server.rsplit("/", 1)[0] + "/" + database
+        result = subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-Atqc", statement],
+                                capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: psql failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def create(self) -> None:
+        for name in self.names.values():
+            self.psql(f"CREATE DATABASE {name}")
+
+    def drop(self) -> None:
+        for name in self.names.values():
+            self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def url(self, service: str) -> str:
+        return self.server.rsplit("/", 1)[0] + "/" + self.names[service]
+
+
+class Stack:
+    """The four services as local processes, in a temporary directory of their own, each stateful
+    one on a SQLite file there or, with `postgres`, on a database of its own on that server."""
+
+    def __init__(self, target: Path, workdir: Path, amqp_url: str, namespace: str,
+                 postgres: Postgres | None = None) -> None:
         self.target = target
         self.workdir = workdir
         self.amqp_url = amqp_url
         self.namespace = namespace
+        self.postgres = postgres
         self.services = {name: Service(name, binary, free_port()) for name, binary, _ in SERVICES}
         self.profiled: dict[str, bool] = {}
         # The broker's CPU is shown beside the services' when it runs on this machine.
@@ -184,7 +217,8 @@ class Stack:
             PORT=str(service.port),
             AMQP_URL=self.amqp_url,
             EVENTS_NAMESPACE=self.namespace,
-            DATABASE_URL=f"sqlite://{self.workdir / (service.name + '.db')}",
+            DATABASE_URL=(self.postgres.url(service.name) if self.postgres and service.name in Postgres.STATEFUL
+                          else f"sqlite://{self.workdir / (service.name + '.db')}"),
             LOG_FORMAT="json",
             RUST_LOG="info",
             # wrk is one loopback client; the gateway's per-client rate limit would answer most of
@@ -406,6 +440,8 @@ def burst(stack: Stack, connections: int, seconds: float) -> dict:
 
 
 def count_orders(stack: Stack) -> int:
+    if stack.postgres:
+        return int(stack.postgres.psql("SELECT count(*) FROM orders", stack.postgres.names["order"]))
     with contextlib.closing(sqlite3.connect(stack.workdir / "order.db")) as db:
         return db.execute("SELECT COUNT(*) FROM orders").fetchone()[0]
 
@@ -648,17 +684,28 @@ def main() -> int:
     reject_p99_ms = float(os.environ.get("BURST_REJECT_P99_MS", 0 if smoke else 5))
     amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
     namespace = f"bench-{uuid.uuid4().hex[:12]}"
+    # DATABASE=postgres: the stateful services on PostgreSQL (a database each at PG_URL) instead of
+    # SQLite files. The relay scenario (e) writes its backlog into SQLite directly, so it runs on
+    # SQLite only.
+    database = os.environ.get("DATABASE", "sqlite")
+    if database not in ("sqlite", "postgres"):
+        raise SystemExit(f"bench: DATABASE is sqlite or postgres, not {database!r}")
+    postgres = Postgres(namespace) if database == "postgres" else None
+    if postgres:
+        relay_events = 0
 
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install -y wrk)")
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    stack = Stack(Path(args.target_dir) / "release", workdir, amqp_url, namespace)
+    stack = Stack(Path(args.target_dir) / "release", workdir, amqp_url, namespace, postgres)
     # SIGTERM (CI cancelling the job) unwinds like Ctrl-C, so the services are stopped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
     try:
-        log(f"starting the stack in {workdir} (namespace {namespace})")
+        log(f"starting the stack in {workdir} (namespace {namespace}, {database})")
+        if postgres:
+            postgres.create()
         stack.start()
         status, body = http("PUT", stack["inventory"].url(f"/stock/{SKU}"), {"onHand": RESTOCK})
         if status != 200:
@@ -699,6 +746,8 @@ def main() -> int:
         return 130
     finally:
         stack.stop()
+        if postgres:
+            postgres.drop()
         try:
             delete_topology(amqp_url, namespace)
         except OSError as error:
@@ -718,7 +767,7 @@ def main() -> int:
               *(f"{name} MiB" for name, _, _ in SERVICES)]
     rows = summarise(runs, [s.key for s in SCENARIOS] + ["e"], labels)
     print()
-    print(f"{dt.date.today().isoformat()}, {os.cpu_count()} cores, {rounds} round(s) of {duration:g} s, "
+    print(f"{dt.date.today().isoformat()}, {os.cpu_count()} cores, {database}, {rounds} round(s) of {duration:g} s, "
           f"wrk -t{WRK_THREADS}; latency and RSS: worst round, req/s: mean of rounds; RSS = peak (VmHWM) "
           "during the scenario; (e) req/s = events/s")
     print(table(header, rows))
