@@ -385,12 +385,13 @@ def breakers_opened(stack: Stack) -> dict[str, float]:
     return opened
 
 
-def burst(stack: Stack, connections: int, seconds: float) -> dict:
-    """The cold burst: `connections` clients placing orders as fast as they are answered.
+def burst(stack: Stack, connections: int, seconds: float, patient: bool = False) -> dict:
+    """The cold burst: `connections` clients placing orders as fast as they are answered (wrk) or,
+    with `patient`, clients that wait out each refusal's Retry-After (patient_clients.rs).
 
-    Returns wrk's per-status counts and latencies (burst.lua), what happened to an order placed
-    right after, whether any breaker opened, each service's peak RSS, and whether every order that
-    was answered 201 is stored once and its unit taken off the stock once.
+    Returns the per-status counts and latencies (burst.lua or patient_clients), what happened to an
+    order placed right after, whether any breaker opened, each service's peak RSS, and whether
+    every order that was answered 201 is stored once and its unit taken off the stock once.
     """
     for s in stack.services.values():
         s.reset_peak_rss()
@@ -398,23 +399,34 @@ def burst(stack: Stack, connections: int, seconds: float) -> dict:
     # `available`, not `onHand`: the order placed before the burst may not be committed yet.
     _, stock_before = http("GET", stack["inventory"].url(f"/stock/{SKU}"))
     available_before = json.loads(stock_before)["available"]
-    command = [
-        "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-        f"--timeout={WRK_TIMEOUT}", "-s", str(BURST_LUA), stack["gateway"].url("/api/orders"),
-    ]
+    if patient:
+        command = [str(patient_clients(stack)), stack["gateway"].url("/api/orders"), str(connections),
+                   f"{seconds:g}", ORDER_BODY]
+    else:
+        command = [
+            "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+            f"--timeout={WRK_TIMEOUT}", "-s", str(BURST_LUA), stack["gateway"].url("/api/orders"),
+        ]
     env = dict(os.environ, BENCH_BODY=ORDER_BODY)
     cpu_before = stack.cpu_seconds()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     cpu = {k: v - cpu_before.get(k, 0) for k, v in stack.cpu_seconds().items()}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # wrk's own CPU: on a shared 2-core machine the load generator competes with the stack.
-    cpu["wrk"] = (children.ru_utime - children_before.ru_utime) + (children.ru_stime - children_before.ru_stime)
+    # The load generator's own CPU: on a shared 2-core machine it competes with the stack.
+    cpu["patient clients" if patient else "wrk"] = ((children.ru_utime - children_before.ru_utime)
+                                                    + (children.ru_stime - children_before.ru_stime))
     rss = {s.name: s.status_kib("VmHWM") or 0 for s in stack.services.values()}
-    line = next((l for l in result.stdout.splitlines() if l.startswith("BURST ")), None)
+    prefix = "PATIENT " if patient else "BURST "
+    line = next((l for l in result.stdout.splitlines() if l.startswith(prefix)), None)
     if result.returncode != 0 or line is None:
-        raise SystemExit(f"bench: wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    summary = json.loads(line[len("BURST "):])
+        raise SystemExit(f"bench: {command[0]} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    summary = json.loads(line[len(prefix):])
+    if patient:
+        # The shape burst.lua prints: requests that got no answer at all count as timeouts.
+        unanswered = summary["statuses"].pop("0", {}).get("count", 0)
+        summary.update(duration_us=summary["seconds"] * 1e6, connect=0, read=0, write=0,
+                       timeout=unanswered, unmatched=0)
     started = time.monotonic()
     after_status, _ = http("POST", stack["gateway"].url("/api/orders"), json.loads(ORDER_BODY))
     after_ms = (time.monotonic() - started) * 1000
@@ -433,10 +445,21 @@ def burst(stack: Stack, connections: int, seconds: float) -> dict:
     stored = count_orders(stack) - orders_before
     taken = available_before - stock["available"]
     return {
+        "patient": patient,
         "summary": summary, "cpu": cpu, "rss_kib": rss, "after_status": after_status,
         "after_ms": after_ms, "breakers_opened": opened, "created": created,
         "stored": stored, "units_taken": taken, "reserved_left": stock["reserved"],
     }
+
+
+def patient_clients(stack: Stack) -> Path:
+    """The patient clients' binary (tests/bench/patient_clients.rs), built when missing."""
+    binary = stack.target / "examples" / "patient_clients"
+    if not binary.exists():
+        log("building the patient clients (cargo build --release -p e2e --example patient_clients)")
+        subprocess.run(["cargo", "build", "--release", "-p", "e2e", "--example", "patient_clients"],
+                       cwd=ROOT, check=True)
+    return binary
 
 
 def count_orders(stack: Stack) -> int:
@@ -455,7 +478,9 @@ def report_burst(result: dict, connections: int, reject_p99_ms: float) -> list[s
         rows.append([status, f"{s['count']:,}", f"{s['count'] / seconds:,.0f}",
                      fmt_ms(s["p50_us"]), fmt_ms(s["p99_us"]), fmt_ms(s["max_us"])])
     print()
-    print(f"burst: wrk -t{WRK_THREADS} -c{connections} -d{seconds:.0f}s POST /api/orders right after start; "
+    load = (f"{connections} clients honouring Retry-After for {seconds:.0f}s" if result.get("patient")
+            else f"wrk -t{WRK_THREADS} -c{connections} -d{seconds:.0f}s")
+    print(f"burst: {load} POST /api/orders right after start; "
           f"socket errors: connect {summary['connect']}, read {summary['read']}, write {summary['write']}, "
           f"timeout {summary['timeout']}; unmatched answers {summary['unmatched']}")
     print(table(["status", "answers", "per s", "p50 ms", "p99 ms", "max ms"], rows))
@@ -717,6 +742,11 @@ def main() -> int:
         only = set(filter(None, os.environ.get("SCENARIOS", "").split(",")))
         scenarios = [s for s in SCENARIOS if not only or s.key in only]
         burst_result = None
+        patient_result = None
+        if "burst-patient" in only:
+            # Only when asked for, and first when asked for alone: cold, as the wrk burst.
+            log(f"burst: {burst_connections} clients honouring Retry-After for {burst_seconds:g} s")
+            patient_result = burst(stack, burst_connections, burst_seconds, patient=True)
         if not only or "burst" in only:
             # First, while the stack is cold: the case that used to open the gateway's breaker.
             log(f"burst: {burst_connections} connections for {burst_seconds:g} s")
@@ -758,6 +788,8 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     burst_problems = report_burst(burst_result, burst_connections, reject_p99_ms) if burst_result else []
+    if patient_result:
+        burst_problems += report_burst(patient_result, burst_connections, reject_p99_ms)
     if not runs:
         return 1 if burst_problems else 0
 
