@@ -497,9 +497,6 @@ def check_database(w: Workload, c: dict, env: dict[str, str], manifests: Manifes
                              for h in manifests.of("HorizontalPodAutoscaler").values()),
                      f"{what}: on SQLite, no autoscaler")
     elif url.startswith(("postgres://", "postgresql://")):
-        if not postgres_in_binaries():
-            print(f"  note: {what}: DATABASE_URL is postgres://, which this build of the binaries does not "
-                  "accept yet (the overlay needs the PostgreSQL stores)")
         u = urllib.parse.urlsplit(url)
         service, targets = manifests.service_target(u.hostname or "")
         if not report.check(service is not None, f"{what}: DATABASE_URL's host {u.hostname} is a Service of the overlay"):
@@ -518,10 +515,6 @@ def check_database(w: Workload, c: dict, env: dict[str, str], manifests: Manifes
     else:
         report.check(False, f"{what}: DATABASE_URL is sqlite: or postgres:// (has {url!r})")
 
-
-def postgres_in_binaries() -> bool:
-    """Whether shared's storage layer opens PostgreSQL databases (sqlx's Postgres driver)."""
-    return any("PgPool" in p.read_text(encoding="utf-8") for p in (ROOT / "shared" / "src").rglob("*.rs"))
 
 
 # --------------------------------------------------------------------------------------------------
