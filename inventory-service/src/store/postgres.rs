@@ -475,3 +475,381 @@ async fn cancel_lines(
     }
     Ok(applied)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cross-replica rules: two stores (two pools, as two replicas have) on one database,
+    //! racing. Each test would fail on a store that reads and then writes.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use shared::testing::postgres::TestDatabase;
+    use sqlx::ConnectOptions;
+    use sqlx::postgres::PgConnectOptions;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::store::PG_MIGRATIONS;
+    use crate::store::tests::{line, pg_store, request, reserve, stock};
+
+    /// Two replicas of the service on one database.
+    async fn replicas(test: &TestDatabase) -> (PgInventoryStore, PgInventoryStore) {
+        (pg_store(test).await, pg_store(test).await)
+    }
+
+    /// `n` tasks, alternating between the two replicas, each running `operation` on its replica
+    /// at once; their answers in task order.
+    async fn race<T, F>(
+        stores: &(PgInventoryStore, PgInventoryStore),
+        n: usize,
+        operation: impl Fn(PgInventoryStore, usize) -> F,
+    ) -> Vec<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let store = if i % 2 == 0 { &stores.0 } else { &stores.1 };
+                tokio::spawn(operation(store.clone(), i))
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(n);
+        for task in tasks {
+            answers.push(task.await.expect("the task runs"));
+        }
+        answers
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifty_reservations_of_the_last_ten_units_from_two_replicas_take_exactly_ten() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+        stores.0.set_on_hand("LAST-10", 10).await.expect("stocks");
+
+        let answers = race(&stores, 50, |store, _| async move {
+            store
+                .reserve(request("LAST-10", 1, time::Duration::minutes(10)))
+                .await
+        })
+        .await;
+
+        let taken = answers.iter().filter(|answer| answer.is_ok()).count();
+        let refused = answers
+            .iter()
+            .filter(|answer| matches!(answer, Err(StoreError::InsufficientStock { .. })))
+            .count();
+        assert_eq!((taken, refused), (10, 40), "{answers:?}");
+        assert_eq!(
+            stock(&stores.1, "LAST-10").await,
+            Stock::new("LAST-10", 10, 10)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_idempotency_key_from_two_replicas_at_once_makes_one_reservation() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+
+        let answers = race(&stores, 20, |store, _| async move {
+            store
+                .reserve(ReserveStock {
+                    idempotency_key: Some(IdempotencyKey::parse(b"order-7:BK-12").expect("key")),
+                    ..request("BK-12", 3, time::Duration::minutes(10))
+                })
+                .await
+                .expect("reserved or replayed")
+        })
+        .await;
+
+        let first = answers
+            .iter()
+            .find(|answer| !answer.replayed)
+            .expect("one reservation is made");
+        assert_eq!(
+            answers.iter().filter(|answer| answer.replayed).count(),
+            19,
+            "every other request replays it"
+        );
+        assert!(
+            answers
+                .iter()
+                .all(|answer| answer.reservation == first.reservation)
+        );
+        assert_eq!(stock(&stores.0, "BK-12").await, Stock::new("BK-12", 100, 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_releasing_one_reservation_at_once_give_its_units_back_once() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+        let released = reserve(&stores.0, "MG-07", 2, time::Duration::minutes(10)).await;
+        // Still held, so a second return of the 2 units would show (not hit the CHECK).
+        reserve(&stores.0, "MG-07", 3, time::Duration::minutes(10)).await;
+
+        let answers = race(&stores, 10, |store, _| async move {
+            store.release(released.id).await.expect("releases")
+        })
+        .await;
+
+        assert!(
+            answers
+                .iter()
+                .all(|status| *status == ReservationStatus::Released)
+        );
+        assert_eq!(stock(&stores.1, "MG-07").await, Stock::new("MG-07", 50, 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_sweepers_at_once_give_back_each_expired_reservation_once() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+        for _ in 0..30 {
+            reserve(&stores.0, "ST-01", 2, time::Duration::seconds(-1)).await;
+        }
+        reserve(&stores.0, "ST-01", 5, time::Duration::minutes(10)).await;
+
+        let now = OffsetDateTime::now_utc();
+        let swept = race(&stores, 6, |store, _| async move {
+            store.expire_due(now).await.expect("sweeps")
+        })
+        .await;
+
+        assert_eq!(swept.iter().sum::<u64>(), 30, "{swept:?}");
+        assert_eq!(stock(&stores.1, "ST-01").await, Stock::new("ST-01", 500, 5));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_order_event_applied_by_two_replicas_at_once_takes_effect_once() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+        let reservation = reserve(&stores.0, "BK-12", 4, time::Duration::minutes(10)).await;
+        let placed = Uuid::new_v4();
+        store_commit(&stores.0, placed, &reservation).await;
+        let cancelled = Uuid::new_v4();
+
+        // A cancellation redelivered to both replicas: without the inbox, each would put the
+        // committed units back on the shelf.
+        let answers = race(&stores, 10, move |store, i| {
+            let reservation = reservation.clone();
+            async move {
+                let lines = vec![line(&reservation)];
+                if i < 2 {
+                    store.cancel_order(cancelled, lines).await
+                } else {
+                    store
+                        .apply_order_events(vec![(cancelled, OrderEvent::Cancelled(lines))])
+                        .await
+                        .map(|mut applied| applied.remove(0))
+                }
+                .expect("applies")
+            }
+        })
+        .await;
+
+        assert_eq!(
+            answers.iter().filter(|applied| !applied.duplicate).count(),
+            1,
+            "{answers:?}"
+        );
+        assert_eq!(stock(&stores.1, "BK-12").await, Stock::new("BK-12", 100, 0));
+        let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+            .fetch_one(stores.0.pool().expect("ready"))
+            .await
+            .expect("reads");
+        assert_eq!(recorded, 2, "the placement and the cancellation, once each");
+    }
+
+    async fn store_commit(store: &PgInventoryStore, message_id: Uuid, reservation: &Reservation) {
+        let applied = store
+            .commit_order(message_id, vec![line(reservation)])
+            .await
+            .expect("commits");
+        assert_eq!(applied.changed, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_racing_a_commit_ends_in_exactly_one_of_them() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+        let mut reservations = Vec::new();
+        for _ in 0..20 {
+            reservations.push(reserve(&stores.0, "ST-01", 1, time::Duration::minutes(10)).await);
+        }
+
+        let mut committed = 0;
+        for reservation in reservations {
+            let releasing = {
+                let store = stores.0.clone();
+                tokio::spawn(async move { store.release(reservation.id).await })
+            };
+            let commit = stores
+                .1
+                .commit_order(Uuid::new_v4(), vec![line(&reservation)])
+                .await
+                .expect("handled");
+            match releasing.await.expect("the task runs") {
+                // The release won: the order finds it released and leaves it.
+                Ok(ReservationStatus::Released) => assert_eq!(commit.unchanged, 1),
+                // The commit won: the release is refused.
+                Err(StoreError::Committed(_)) => {
+                    assert_eq!(commit.changed, 1);
+                    committed += 1;
+                }
+                other => panic!("unexpected release answer {other:?}"),
+            }
+        }
+
+        // Every unit left the shelf once (committed) or came back once (released).
+        assert_eq!(
+            stock(&stores.0, "ST-01").await,
+            Stock::new("ST-01", 500 - committed, 0)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restock_racing_reservations_never_leaves_fewer_units_on_hand_than_reserved() {
+        let test = TestDatabase::create().await;
+        let stores = replicas(&test).await;
+        stores.0.set_on_hand("RACE-1", 20).await.expect("stocks");
+
+        let answers = race(&stores, 40, |store, i| async move {
+            if i % 4 == 1 {
+                // Lowering the level to 8 is refused once more than 8 units are reserved.
+                store.set_on_hand("RACE-1", 8).await.map(|_| ())
+            } else {
+                store
+                    .reserve(request("RACE-1", 1, time::Duration::minutes(10)))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await;
+
+        let level = stock(&stores.1, "RACE-1").await;
+        assert!(
+            level.on_hand >= level.reserved,
+            "{level:?} after {answers:?}"
+        );
+        let reserved = answers
+            .iter()
+            .enumerate()
+            .filter(|(i, answer)| i % 4 != 1 && answer.is_ok())
+            .count();
+        assert_eq!(level.reserved, i64::try_from(reserved).expect("small"));
+    }
+
+    #[tokio::test]
+    async fn until_the_database_is_migrated_operations_fail_transiently_and_ping_says_why() {
+        let shutdown = CancellationToken::new();
+        // Port 1 refuses connections on every machine.
+        let database = PgDatabase::start(
+            "postgres://postgres@127.0.0.1:1/x",
+            PG_MIGRATIONS,
+            shutdown.clone(),
+        )
+        .expect("a valid URL");
+        let store = PgInventoryStore::new(database);
+
+        let refused = store
+            .reserve(request("BK-12", 1, time::Duration::minutes(10)))
+            .await;
+        let ping = store.ping().await;
+
+        assert!(
+            matches!(&refused, Err(StoreError::Database(e)) if e.is_transient()),
+            "{refused:?}"
+        );
+        assert!(
+            ping.is_err_and(|e| e.to_string().contains("not migrated yet")),
+            "readiness says why"
+        );
+        shutdown.cancel();
+    }
+
+    /// A TCP proxy in front of the test server that can be cut (open connections dropped, new
+    /// ones closed at once) and restored: a database server that goes away and comes back.
+    struct Outage {
+        port: u16,
+        up: Arc<AtomicBool>,
+        connections: Arc<std::sync::Mutex<CancellationToken>>,
+    }
+
+    impl Outage {
+        async fn start(upstream: (String, u16)) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+            let port = listener.local_addr().expect("bound").port();
+            let up = Arc::new(AtomicBool::new(true));
+            let connections = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+            let (accepting, cut) = (up.clone(), connections.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !accepting.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let cut = cut.lock().expect("lock").clone();
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            () = cut.cancelled() => {}
+                        }
+                    });
+                }
+            });
+            Self {
+                port,
+                up,
+                connections,
+            }
+        }
+
+        fn cut(&self) {
+            self.up.store(false, Ordering::SeqCst);
+            let mut connections = self.connections.lock().expect("lock");
+            connections.cancel();
+            *connections = CancellationToken::new();
+        }
+
+        fn restore(&self) {
+            self.up.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_goes_away_fails_operations_transiently_and_is_used_again_when_back() {
+        let test = TestDatabase::create().await;
+        let direct: PgConnectOptions = test.url().parse().expect("a valid URL");
+        let outage = Outage::start((direct.get_host().to_owned(), direct.get_port())).await;
+        let proxied = direct.host("127.0.0.1").port(outage.port).to_url_lossy();
+        let store = PgInventoryStore::new(
+            PgDatabase::connect(proxied.as_str(), PG_MIGRATIONS)
+                .await
+                .expect("opens through the proxy"),
+        );
+        let first = reserve(&store, "BK-12", 1, time::Duration::minutes(10)).await;
+
+        outage.cut();
+        let refused = store
+            .reserve(request("BK-12", 2, time::Duration::minutes(10)))
+            .await;
+        let not_committed = store.commit_order(Uuid::new_v4(), vec![line(&first)]).await;
+
+        for failed in [refused.map(|_| ()), not_committed.map(|_| ())] {
+            assert!(
+                matches!(&failed, Err(StoreError::Database(e)) if e.is_transient()),
+                "{failed:?}"
+            );
+        }
+        outage.restore();
+        // The same store, no restart: the pool reconnects, and nothing was half-written.
+        assert_eq!(stock(&store, "BK-12").await, Stock::new("BK-12", 100, 1));
+        reserve(&store, "BK-12", 2, time::Duration::minutes(10)).await;
+        assert_eq!(stock(&store, "BK-12").await, Stock::new("BK-12", 100, 3));
+    }
+}
