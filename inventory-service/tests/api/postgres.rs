@@ -109,7 +109,8 @@ async fn on_postgresql_an_uncommitted_reservation_expires_and_its_units_come_bac
 }
 
 #[tokio::test]
-async fn two_replicas_on_one_database_sell_the_last_units_once_and_agree_on_a_key() {
+async fn two_replicas_on_one_database_and_one_queue_sell_the_last_units_once_agree_on_a_key_and_commit_each_order_once()
+ {
     let database = TestDatabase::create().await;
     let namespace = format!("t-{}", Uuid::new_v4());
     let replica = |namespace: String| {
@@ -123,13 +124,26 @@ async fn two_replicas_on_one_database_sell_the_last_units_once_and_agree_on_a_ke
     let a = replica(namespace.clone()).await;
     let b = replica(namespace).await;
 
-    let reservations = futures::future::join_all((0..8).map(|i| {
+    let answers = futures::future::join_all((0..8).map(|i| {
         let app = if i % 2 == 0 { &a } else { &b };
-        async move { app.reserve("HD-44", 1, None).await.status() }
+        async move {
+            let response = app.reserve("HD-44", 1, None).await;
+            let status = response.status();
+            (status, response.json::<Value>().await.expect("JSON"))
+        }
     }))
     .await;
-    assert_eq!(reservations.iter().filter(|s| **s == 200).count(), 3);
-    assert_eq!(reservations.iter().filter(|s| **s == 409).count(), 5);
+    let taken: Vec<Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body.clone())
+        .collect();
+    assert_eq!(taken.len(), 3, "the three hoodies, once each: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, _)| *status == 200 || *status == 409)
+    );
 
     let keyed = futures::future::join_all([&a, &b, &a, &b].into_iter().map(|app| async move {
         let body: Value = app
@@ -144,6 +158,19 @@ async fn two_replicas_on_one_database_sell_the_last_units_once_and_agree_on_a_ke
     assert!(keyed.iter().all(|id| *id == keyed[0]), "{keyed:?}");
     assert_eq!(b.stock("BK-12").await["reserved"], 2);
 
+    // Each order published twice under one message ID: the replicas' consumers compete for the
+    // deliveries, and each order is committed once.
+    for reservation in &taken {
+        let placed = order_placed(reservation);
+        let message_id = Uuid::new_v4();
+        a.publish(message_id, &placed).await;
+        a.publish(message_id, &placed).await;
+    }
+    assert_eventually("the three orders are committed", || async {
+        b.stock("HD-44").await
+            == json!({"sku": "HD-44", "onHand": 0, "reserved": 0, "available": 0})
+    })
+    .await;
     // Both read the same state, whichever replica wrote it.
     assert_eq!(a.stock("HD-44").await, b.stock("HD-44").await);
     teardown_all([a, b]).await;
