@@ -14,7 +14,8 @@ pub struct Settings {
     pub host: String,
     /// `PORT`, default 4002 (0 picks a free port, which tests use).
     pub port: u16,
-    /// `DATABASE_URL` (default `sqlite://data/inventory.db`) and `SQLITE_SYNCHRONOUS`.
+    /// `DATABASE_URL` (default `sqlite://data/inventory.db`; `postgres://…` for a database
+    /// several replicas share) and `SQLITE_SYNCHRONOUS`.
     pub database: DbSettings,
     /// `REQUEST_BUDGET_MS`: the budget of a request whose caller sent none.
     pub request_budget: Duration,

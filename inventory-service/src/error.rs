@@ -9,8 +9,9 @@ use uuid::Uuid;
 
 use crate::store::StoreError;
 
-/// A caller told the database is busy comes back after this long: the write lock is held for
-/// milliseconds at a time, so a second is ample, and the resilient client honours it.
+/// A caller told the database is busy (or briefly away) comes back after this long: SQLite's
+/// write lock and PostgreSQL's row locks are held for milliseconds at a time, so a second is
+/// ample, and the resilient client honours it; a server that stays away keeps answering `503`.
 const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything a handler can fail with. Internal causes are logged, never sent.
@@ -154,5 +155,17 @@ mod tests {
         assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let problem = body(broken).await;
         assert!(!problem.to_string().contains("secret"), "{problem}");
+    }
+
+    #[tokio::test]
+    async fn a_database_server_that_went_away_or_is_not_migrated_yet_is_a_503_to_retry() {
+        let lost = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let not_migrated = shared::db::DatabaseError::new("database not migrated yet", true);
+
+        for cause in [lost.into(), not_migrated] {
+            let response = ApiError::from(StoreError::Database(cause)).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+        }
     }
 }

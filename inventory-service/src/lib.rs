@@ -6,7 +6,7 @@
 //! | [`startup`] | [`startup::Application`]: wiring, serving, background workers |
 //! | [`routes`] | `GET/PUT /stock/{sku}`, `POST /reserve`, `POST /release` |
 //! | [`domain`] | stock levels, quantities, reservation states |
-//! | [`store`] | the repository trait and its SQLite implementation (migrations in `migrations/`) |
+//! | [`store`] | the repository trait, its SQLite and PostgreSQL implementations (migrations in `migrations/sqlite/` and `migrations/postgres/`) |
 //! | [`messaging`] | the `order.placed` / `order.cancelled` consumer |
 //! | [`sweeper`] | expiry of reservations that were never committed |
 //! | [`state`], [`error`] | request state and the problem+json error type |

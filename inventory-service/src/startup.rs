@@ -9,6 +9,7 @@ use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
+use shared::pg::{Backend, PgDatabase};
 use shared::server::{Chassis, DEFAULT_BODY_LIMIT};
 use shared::shutdown::DEFAULT_DRAIN;
 use tokio::net::TcpListener;
@@ -19,7 +20,9 @@ use crate::config::Settings;
 use crate::messaging::OrderEventsHandler;
 use crate::routes;
 use crate::state::AppState;
-use crate::store::{InventoryStore, MIGRATIONS, SqliteInventoryStore};
+use crate::store::{
+    InventoryStore, MIGRATIONS, PG_MIGRATIONS, PgInventoryStore, SqliteInventoryStore,
+};
 use crate::sweeper;
 
 /// The built service, bound to its port, not yet serving.
@@ -37,21 +40,21 @@ pub struct Application {
 }
 
 impl Application {
-    /// Opens and migrates the database, binds the port and connects to the broker.
+    /// Opens the database (SQLite: opened and migrated now; PostgreSQL: connected and migrated
+    /// in the background, so the service starts while the server is away and `/readyz` says
+    /// why), binds the port and connects to the broker.
     ///
     /// # Errors
-    /// The database cannot be opened or migrated, or the port cannot be bound.
+    /// The SQLite database cannot be opened or migrated, the PostgreSQL URL is invalid, or the
+    /// port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database = shared::db::connect_with(&settings.database, MIGRATIONS)
-            .await
-            .with_context(|| format!("opening the database {}", settings.database.url))?;
-        let store: Arc<dyn InventoryStore> = Arc::new(SqliteInventoryStore::new(database));
+        let background = CancellationToken::new();
+        let store = open_store(&settings, background.clone()).await?;
         let listener = shared::server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
         let port = listener.local_addr()?.port();
 
-        let background = CancellationToken::new();
         let broker = Broker::start(
             SERVICE,
             settings.messaging.clone(),
@@ -131,6 +134,27 @@ impl Application {
         let _ = sweeper.await;
         served.context("serving HTTP")
     }
+}
+
+/// The store `DATABASE_URL` names. PostgreSQL's migrations retry until `background` is cancelled.
+async fn open_store(
+    settings: &Settings,
+    background: CancellationToken,
+) -> anyhow::Result<Arc<dyn InventoryStore>> {
+    Ok(match settings.database.backend()? {
+        Backend::Sqlite => {
+            let database = shared::db::connect_with(&settings.database, MIGRATIONS)
+                .await
+                .with_context(|| format!("opening the database {}", settings.database.url))?;
+            Arc::new(SqliteInventoryStore::new(database))
+        }
+        Backend::Postgres => {
+            // Not the URL in the message: it may hold a password.
+            let database = PgDatabase::start(&settings.database.url, PG_MIGRATIONS, background)
+                .context("opening the PostgreSQL database named by DATABASE_URL")?;
+            Arc::new(PgInventoryStore::new(database))
+        }
+    })
 }
 
 /// Ready when the database answers and the broker is connected with its topology declared: both

@@ -1,5 +1,6 @@
-//! The harness: an inventory-service on a free port with an in-memory database, connected to the
-//! real RabbitMQ under a namespace of its own, plus a publisher in that namespace.
+//! The harness: an inventory-service on a free port with an in-memory database (or a PostgreSQL
+//! one a test names), connected to the real RabbitMQ under a namespace of its own, plus a
+//! publisher in that namespace.
 
 use inventory_service::config::Settings;
 use inventory_service::startup::Application;
@@ -29,8 +30,32 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
-/// Spawns the service after `customise` has adjusted its settings.
+/// Spawns the service after `customise` has adjusted its settings, and waits until it is ready.
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let test_app = start_app_with(customise).await;
+    // Ready means the database answers and the consumer queue is declared and bound, so a
+    // message published from here on reaches it.
+    assert_eventually("the service is ready", || async {
+        test_app
+            .client
+            .get(format!("{}/readyz", test_app.address))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    test_app
+}
+
+/// Spawns the service with its database at `database_url` (a PostgreSQL URL, say), waiting until
+/// it is ready.
+pub async fn spawn_app_on(database_url: &str) -> TestApp {
+    spawn_app_with(|settings| settings.database.url = database_url.to_owned()).await
+}
+
+/// Spawns the service after `customise` has adjusted its settings, without waiting for it to be
+/// ready (its database may be away); only the test publisher is waited for.
+pub async fn start_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     shared::testing::init_test_logs();
     let namespace = format!("t-{}", Uuid::new_v4());
     let amqp_url = shared::testing::amqp_url();
@@ -61,17 +86,6 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         shutdown,
         server,
     };
-    // Ready means the database answers and the consumer queue is declared and bound, so a
-    // message published from here on reaches it.
-    assert_eventually("the service is ready", || async {
-        test_app
-            .client
-            .get(format!("{}/readyz", test_app.address))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
     assert_eventually("the test publisher is connected", || async {
         test_app.events.is_connected()
     })

@@ -2,5 +2,6 @@
 
 mod helpers;
 mod order_events;
+mod postgres;
 mod reservations;
 mod stock;

@@ -1,0 +1,354 @@
+//! Stock and reservations: the repository trait, its requests and answers, and the rules both
+//! backends share.
+//!
+//! | module | backend | what makes it correct under concurrency |
+//! |---|---|---|
+//! | [`sqlite`] | one embedded file per process (the default) | every read-then-write runs in a `BEGIN IMMEDIATE` transaction on the one write connection |
+//! | [`postgres`] | a server several replicas share (`DATABASE_URL=postgres://…`) | each statement: conditional updates, unique keys with `ON CONFLICT`, `FOR UPDATE` where a read decides a write |
+//!
+//! What a state change *means* (which units an order event takes or gives back, what a replayed
+//! idempotency key answers, which lines are refused) is decided here, once, by
+//! [`placing`], [`cancelling`], [`check_line`] and [`replay`]; the backends only read the state
+//! and write the decision.
+
+pub mod postgres;
+pub mod sqlite;
+
+use futures::future::BoxFuture;
+use shared::db::DatabaseError;
+use shared::events::EventLine;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{IdempotencyKey, Quantity, Reservation, ReservationStatus, Stock};
+
+pub use postgres::PgInventoryStore;
+pub use sqlite::SqliteInventoryStore;
+
+/// The SQLite schema, applied in order by [`shared::db::connect`].
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "stock and reservations",
+        include_str!("../../migrations/sqlite/0001_stock_and_reservations.sql"),
+    ),
+    (
+        2,
+        "seed catalogue",
+        include_str!("../../migrations/sqlite/0002_seed_catalogue.sql"),
+    ),
+    (3, "consumer inbox", shared::inbox::MIGRATION),
+];
+
+/// The PostgreSQL schema (the same tables in native types, and the same seed), applied by
+/// [`shared::pg::PgDatabase::start`] once across replicas.
+pub const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "stock and reservations",
+        include_str!("../../migrations/postgres/0001_stock_and_reservations.sql"),
+    ),
+    (
+        2,
+        "seed catalogue",
+        include_str!("../../migrations/postgres/0002_seed_catalogue.sql"),
+    ),
+    (3, "consumer inbox", shared::inbox::postgres::MIGRATION),
+];
+
+/// Why a store operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No stock row for the SKU.
+    #[error("unknown sku {0}")]
+    UnknownSku(String),
+    /// Fewer units available than requested; nothing was reserved.
+    #[error("insufficient stock of {sku}: requested {requested}, available {available}")]
+    InsufficientStock {
+        /// Product.
+        sku: String,
+        /// Units asked for.
+        requested: u32,
+        /// Units that could have been reserved.
+        available: i64,
+    },
+    /// The idempotency key already names a reservation of a different SKU or quantity.
+    #[error("idempotency key reused for a different reservation")]
+    KeyReused,
+    /// No such reservation.
+    #[error("unknown reservation {0}")]
+    UnknownReservation(Uuid),
+    /// The reservation was committed by an order; only cancelling the order returns its stock.
+    #[error("reservation {0} is committed")]
+    Committed(Uuid),
+    /// An event line does not match the reservation it names.
+    #[error("event line does not match reservation {id}: {reason}")]
+    LineMismatch {
+        /// The reservation.
+        id: Uuid,
+        /// What differs.
+        reason: String,
+    },
+    /// A stock level that cannot be set.
+    #[error("{0}")]
+    InvalidLevel(String),
+    /// The database failed (busy, away, I/O, corrupt row).
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
+/// A reservation to make.
+#[derive(Debug, Clone)]
+pub struct ReserveStock {
+    /// Product.
+    pub sku: String,
+    /// Units.
+    pub qty: Quantity,
+    /// The order it is for, if the caller said.
+    pub order_id: Option<Uuid>,
+    /// Makes the call idempotent.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// When it was asked for.
+    pub now: OffsetDateTime,
+    /// When it expires unless committed.
+    pub expires_at: OffsetDateTime,
+}
+
+/// The answer to a reservation.
+#[derive(Debug, Clone)]
+pub struct Reserved {
+    /// The reservation (made now, or the one the idempotency key named).
+    pub reservation: Reservation,
+    /// `true` when the key named an earlier reservation and nothing new was reserved.
+    pub replayed: bool,
+}
+
+/// What handling an order event did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The message ID was already in the inbox: nothing was done.
+    pub duplicate: bool,
+    /// Lines whose reservation changed state.
+    pub changed: usize,
+    /// Lines committed although their reservation had expired (units re-taken from on hand).
+    pub retaken: usize,
+    /// Lines left alone because their reservation was already in the target (or a final) state.
+    pub unchanged: usize,
+}
+
+impl Applied {
+    /// The answer for a message ID the inbox already had.
+    pub(crate) fn duplicate() -> Self {
+        Self {
+            duplicate: true,
+            ..Self::default()
+        }
+    }
+
+    /// Counts one line whose reservation was in `from` and moved by `transition` (if any).
+    pub(crate) fn count(&mut self, from: ReservationStatus, transition: Option<Transition>) {
+        match transition {
+            Some(_) => {
+                self.changed += 1;
+                if from == ReservationStatus::Expired {
+                    self.retaken += 1;
+                }
+            }
+            None => self.unchanged += 1,
+        }
+    }
+}
+
+/// Storage of stock levels and reservations.
+///
+/// Methods return boxed futures so the store can live behind `Arc<dyn InventoryStore>`.
+pub trait InventoryStore: Send + Sync + 'static {
+    /// Checks the database answers (readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Every SKU's stock, by SKU.
+    fn list_stock(&self) -> BoxFuture<'_, Result<Vec<Stock>, StoreError>>;
+    /// One SKU's stock, `None` if unknown.
+    fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<Stock>, StoreError>>;
+    /// Sets `on_hand` (restock), creating the SKU if new; never below the units reserved.
+    fn set_on_hand<'a>(
+        &'a self,
+        sku: &'a str,
+        on_hand: i64,
+    ) -> BoxFuture<'a, Result<Stock, StoreError>>;
+    /// Reserves units atomically; with an idempotency key, at most once per key.
+    fn reserve(&self, request: ReserveStock) -> BoxFuture<'_, Result<Reserved, StoreError>>;
+    /// Releases a reservation (idempotent); returns its final status.
+    fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>>;
+    /// Expires every reservation still held past its time; returns how many.
+    fn expire_due(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// `order.placed`: commits each line's reservation, once per message ID.
+    fn commit_order(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>>;
+    /// `order.cancelled`: releases each line's units, once per message ID.
+    fn cancel_order(
+        &self,
+        message_id: Uuid,
+        lines: Vec<EventLine>,
+    ) -> BoxFuture<'_, Result<Applied, StoreError>>;
+    /// Applies several order events (each with its message ID, in queue order) in one
+    /// transaction, each once per message ID, all or none: on any error nothing is applied and
+    /// nothing recorded. Answers what each did, in the same order.
+    fn apply_order_events(
+        &self,
+        events: Vec<(Uuid, OrderEvent)>,
+    ) -> BoxFuture<'_, Result<Vec<Applied>, StoreError>>;
+}
+
+/// An order event as inventory applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderEvent {
+    /// `order.placed`: commit the lines' reservations.
+    Placed(Vec<EventLine>),
+    /// `order.cancelled`: give the lines' units back.
+    Cancelled(Vec<EventLine>),
+}
+
+/// A reservation's move to a new status and what it does to its SKU's levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Transition {
+    /// The reservation's new status.
+    pub to: ReservationStatus,
+    /// Added to the SKU's `on_hand`.
+    pub on_hand: i64,
+    /// Added to the SKU's `reserved`.
+    pub reserved: i64,
+}
+
+/// What `order.placed` does to `reservation`, or `None` to leave it alone.
+pub(crate) fn placing(reservation: &Reservation) -> Option<Transition> {
+    let qty = i64::from(reservation.qty);
+    match reservation.status {
+        // The units leave the warehouse: off `reserved` and off `on_hand`.
+        ReservationStatus::Reserved => Some(Transition {
+            to: ReservationStatus::Committed,
+            on_hand: -qty,
+            reserved: -qty,
+        }),
+        ReservationStatus::Expired => {
+            // The order was accepted while the reservation lapsed (a slow publish, a broker
+            // outage): the customer was promised the units, so take them from on hand again
+            // rather than lose the order.
+            tracing::warn!(
+                reservation_id = %reservation.id,
+                sku = reservation.sku,
+                qty,
+                "committing an expired reservation: units re-taken from stock"
+            );
+            Some(Transition {
+                to: ReservationStatus::Committed,
+                on_hand: -qty,
+                reserved: 0,
+            })
+        }
+        ReservationStatus::Committed => None,
+        ReservationStatus::Released => {
+            // Released explicitly (the order's cancel overtook its placement): the units were
+            // given back on purpose, so placing must not take them again.
+            tracing::warn!(
+                reservation_id = %reservation.id,
+                sku = reservation.sku,
+                "order placed for a released reservation: left released"
+            );
+            None
+        }
+    }
+}
+
+/// What `order.cancelled` does to `reservation`, or `None` when its units are already back.
+pub(crate) fn cancelling(reservation: &Reservation) -> Option<Transition> {
+    let qty = i64::from(reservation.qty);
+    match reservation.status {
+        ReservationStatus::Reserved => Some(Transition {
+            to: ReservationStatus::Released,
+            on_hand: 0,
+            reserved: -qty,
+        }),
+        // The order's units left with it; cancelling puts them back on the shelf.
+        ReservationStatus::Committed => Some(Transition {
+            to: ReservationStatus::Released,
+            on_hand: qty,
+            reserved: 0,
+        }),
+        ReservationStatus::Released | ReservationStatus::Expired => None,
+    }
+}
+
+/// Checks that an event line describes the reservation it names.
+///
+/// # Errors
+/// [`StoreError::LineMismatch`] saying what differs.
+pub(crate) fn check_line(reservation: &Reservation, line: &EventLine) -> Result<(), StoreError> {
+    if reservation.sku != line.sku || reservation.qty != line.qty {
+        return Err(StoreError::LineMismatch {
+            id: reservation.id,
+            reason: format!(
+                "line has {} × {}, reservation holds {} × {}",
+                line.qty, line.sku, reservation.qty, reservation.sku
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The answer to `request` when its idempotency key already names `earlier`.
+///
+/// # Errors
+/// [`StoreError::KeyReused`] when `earlier` is for another SKU or quantity.
+pub(crate) fn replay(earlier: Reservation, request: &ReserveStock) -> Result<Reserved, StoreError> {
+    if earlier.sku != request.sku || earlier.qty != request.qty.get() {
+        return Err(StoreError::KeyReused);
+    }
+    Ok(Reserved {
+        reservation: earlier,
+        replayed: true,
+    })
+}
+
+/// Why `request` reserved nothing, given its SKU's stock as it was then.
+pub(crate) fn refusal(request: ReserveStock, stock: Option<Stock>) -> StoreError {
+    match stock {
+        None => StoreError::UnknownSku(request.sku),
+        Some(stock) => StoreError::InsufficientStock {
+            sku: request.sku,
+            requested: request.qty.get(),
+            available: stock.available.max(0),
+        },
+    }
+}
+
+/// Refuses a negative stock level.
+///
+/// # Errors
+/// [`StoreError::InvalidLevel`].
+pub(crate) fn check_level(on_hand: i64) -> Result<(), StoreError> {
+    if on_hand < 0 {
+        return Err(StoreError::InvalidLevel(format!(
+            "onHand must not be negative, got {on_hand}"
+        )));
+    }
+    Ok(())
+}
+
+/// The refusal of an `on_hand` below what reservations hold.
+pub(crate) fn below_reserved(on_hand: i64, reserved: i64) -> StoreError {
+    StoreError::InvalidLevel(format!(
+        "onHand {on_hand} is below the {reserved} units currently reserved"
+    ))
+}
+
+#[cfg(test)]
+mod tests;
