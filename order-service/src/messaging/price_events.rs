@@ -113,3 +113,106 @@ fn handler_error(error: StoreError) -> HandlerError {
         StoreError::Corrupt(_) => HandlerError::Permanent(error.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use shared::correlation::CorrelationId;
+    use shared::pg::PgDatabase;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::store::{MIGRATIONS, PG_MIGRATIONS, PgOrderRepository, SqliteOrderRepository};
+
+    fn delivery(sku: &str, cents: i64, version: u64) -> IncomingMessage {
+        let event = VersionedPriceChanged {
+            sku: sku.to_owned(),
+            price: Money(cents),
+            currency: "EUR".to_owned(),
+            version,
+        };
+        IncomingMessage {
+            message_id: uuid::Uuid::new_v4(),
+            event_type: PriceChanged::TYPE.to_owned(),
+            version: PriceChanged::VERSION,
+            data: serde_json::to_vec(&event).expect("serialises").into(),
+            attempt: 1,
+            correlation_id: CorrelationId::new(),
+        }
+    }
+
+    async fn sqlite_handler() -> PriceChangedHandler {
+        let database = shared::db::connect("sqlite::memory:", MIGRATIONS)
+            .await
+            .expect("the database opens");
+        PriceChangedHandler::new(
+            Arc::new(SqliteOrderRepository::new(database)),
+            PriceCache::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_price_change_does_not_refresh_the_cache_again() {
+        let handler = sqlite_handler().await;
+        let change = delivery("BK-12", 3500, 1);
+        handler.handle(change.clone()).await.expect("handles");
+        // A live lookup since then knows better.
+        handler.prices.put("BK-12", Money(3600), "EUR");
+
+        handler.handle(change).await.expect("handles");
+
+        assert_eq!(
+            handler.prices.get("BK-12").map(|p| p.price),
+            Some(Money(3600))
+        );
+    }
+
+    #[tokio::test]
+    async fn of_a_batch_the_cache_keeps_the_newest_version_of_each_sku() {
+        let handler = sqlite_handler().await;
+        let batch = [
+            delivery("BK-12", 3000, 2),
+            delivery("BK-12", 2000, 1),
+            delivery("MG-07", 900, 1),
+        ];
+
+        handler
+            .handle_batch(&batch)
+            .expect("batches")
+            .await
+            .expect("handles");
+
+        assert_eq!(
+            handler.prices.get("BK-12").map(|p| p.price),
+            Some(Money(3000))
+        );
+        assert_eq!(
+            handler.prices.get("MG-07").map(|p| p.price),
+            Some(Money(900))
+        );
+    }
+
+    #[tokio::test]
+    async fn with_the_database_away_a_price_change_is_retried_not_dead_lettered() {
+        let shutdown = CancellationToken::new();
+        // Port 1 refuses connections on every machine.
+        let database = PgDatabase::start(
+            "postgres://postgres@127.0.0.1:1/x",
+            PG_MIGRATIONS,
+            shutdown.clone(),
+        )
+        .expect("a valid URL");
+        let handler = PriceChangedHandler::new(
+            Arc::new(PgOrderRepository::new(database)),
+            PriceCache::default(),
+        );
+
+        let outcome = handler.handle(delivery("BK-12", 3500, 1)).await;
+
+        assert!(
+            matches!(outcome, Err(HandlerError::Transient(_))),
+            "{outcome:?}"
+        );
+        assert!(handler.prices.is_empty());
+        shutdown.cancel();
+    }
+}
