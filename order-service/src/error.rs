@@ -1,5 +1,7 @@
 //! The service's HTTP errors: one enum, answered as problem+json, never leaking internals.
 
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use shared::problem::Problem;
@@ -7,6 +9,11 @@ use shared::problem::Problem;
 use crate::domain::InvalidOrder;
 use crate::placement::PlacementError;
 use crate::store::StoreError;
+
+/// A caller told the database is unavailable comes back after this long: a busy lock or pool
+/// clears in milliseconds and a lost connection is re-established on the next request, so a
+/// second is the shortest wait worth asking for (the resilient client honours it).
+const STORAGE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +46,7 @@ impl ApiError {
             }
             Self::OrderNotFound => Problem::new(StatusCode::NOT_FOUND, "Order not found"),
             Self::Placement(error) => placement_problem(error),
-            Self::Store(_) => internal(),
+            Self::Store(error) => store_problem(error),
         }
     }
 }
@@ -99,7 +106,8 @@ fn placement_problem(error: &PlacementError) -> Problem {
             Problem::new(StatusCode::GATEWAY_TIMEOUT, "Deadline exceeded")
                 .detail("the order could not be placed within the request's time budget")
         }
-        PlacementError::Store(_) | PlacementError::Aborted(_) => internal(),
+        PlacementError::Store(error) => store_problem(error),
+        PlacementError::Aborted(_) => internal(),
     }
 }
 
@@ -112,6 +120,58 @@ fn invalid_order(invalid: &InvalidOrder) -> Problem {
     }
 }
 
+/// A database that is away, busy or not migrated yet is a `503` to retry; anything else is a
+/// `500` that hides its cause.
+fn store_problem(error: &StoreError) -> Problem {
+    if error.is_transient() {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Storage unavailable")
+            .detail("the database cannot answer right now; retry shortly")
+            .retry_after(STORAGE_RETRY_AFTER)
+    } else {
+        internal()
+    }
+}
+
 fn internal() -> Problem {
     Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::db::DatabaseError;
+
+    use super::*;
+
+    async fn body(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        serde_json::from_slice(&bytes).expect("problem JSON")
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_database_is_a_503_to_retry_and_other_store_failures_a_500_that_hides_the_cause()
+     {
+        let away = || StoreError::Database(DatabaseError::new("connection refused", true));
+        let broken =
+            || StoreError::Database(sqlx::Error::Protocol("secret internals".to_owned()).into());
+
+        for unavailable in [
+            ApiError::Store(away()),
+            ApiError::Placement(PlacementError::Store(away())),
+        ] {
+            let response = unavailable.into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+        }
+        for failed in [
+            ApiError::Store(broken()),
+            ApiError::Placement(PlacementError::Store(broken())),
+        ] {
+            let response = failed.into_response();
+            assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            let problem = body(response).await;
+            assert!(!problem.to_string().contains("secret"), "{problem}");
+        }
+    }
 }

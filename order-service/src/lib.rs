@@ -8,8 +8,8 @@
 //! | [`placement`] | the place-order flow: price + reserve concurrently, compensate, store |
 //! | [`clients`] | typed calls to pricing and inventory over the shared resilient client |
 //! | [`domain`] | orders and their rules; the in-memory price cache |
-//! | [`store`] | [`OrderRepository`](store::OrderRepository) and its SQLite implementation |
-//! | [`messaging`] | the `price.changed` consumer that feeds the price cache |
+//! | [`store`] | [`OrderRepository`](store::OrderRepository) on SQLite (embedded) or PostgreSQL (replicas) |
+//! | [`messaging`] | the `price.changed` consumer that feeds the price cache through the store's inbox |
 //! | [`state`] / [`error`] | what handlers share; the HTTP error enum |
 //!
 //! Events go out through the transactional outbox: an order and its `order.placed` (or

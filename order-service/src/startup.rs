@@ -9,7 +9,9 @@ use shared::client::ResilientClient;
 use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
-use shared::outbox::OutboxRelay;
+use shared::outbox::postgres::PgOutbox;
+use shared::outbox::{OutboxRelay, OutboxStorage, SqliteOutbox};
+use shared::pg::{Backend, PgDatabase};
 use shared::server::{Chassis, DEFAULT_BODY_LIMIT};
 use shared::shutdown::DEFAULT_DRAIN;
 use tokio::net::TcpListener;
@@ -23,7 +25,9 @@ use crate::messaging;
 use crate::placement::OrderPlacement;
 use crate::routes;
 use crate::state::AppState;
-use crate::store::{MIGRATIONS, OrderRepository, SqliteOrderRepository};
+use crate::store::{
+    MIGRATIONS, OrderRepository, PG_MIGRATIONS, PgOrderRepository, SqliteOrderRepository,
+};
 
 /// The built service, bound to its port, not yet serving.
 pub struct Application {
@@ -40,18 +44,18 @@ pub struct Application {
 }
 
 impl Application {
-    /// Opens and migrates the database, builds the clients, binds the port and connects to the
-    /// broker.
+    /// Opens and migrates the database (SQLite before returning; PostgreSQL in the background,
+    /// so the service starts while the server is away and `/readyz` says why), builds the
+    /// clients, binds the port and connects to the broker.
     ///
     /// # Errors
-    /// The database cannot be opened or migrated, a client cannot be built, or the port cannot
-    /// be bound.
+    /// The SQLite database cannot be opened or migrated, the database URL is invalid, a client
+    /// cannot be built, or the port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database = shared::db::connect_with(&settings.database, MIGRATIONS)
-            .await
-            .with_context(|| format!("opening the database {}", settings.database.url))?;
-        let orders: Arc<dyn OrderRepository> =
-            Arc::new(SqliteOrderRepository::new(database.clone()));
+        let background = CancellationToken::new();
+        // Armed at once: the PostgreSQL migrator started below stops if building fails later.
+        let stop_background = background.clone().drop_guard();
+        let (orders, outbox) = open_store(&settings, &background).await?;
         let metrics = Metrics::new(SERVICE);
         let pricing = ResilientClient::new(settings.pricing.clone())
             .context("building the pricing client")?;
@@ -66,14 +70,13 @@ impl Application {
         let port = listener.local_addr()?.port();
 
         let prices = PriceCache::default();
-        let background = CancellationToken::new();
         let broker = Broker::start(
             SERVICE,
             settings.messaging.clone(),
-            messaging::consumers(database.clone(), prices.clone()),
+            messaging::consumers(orders.clone(), prices.clone()),
             background.clone(),
         );
-        let relay = OutboxRelay::new(database, broker.publisher());
+        let relay = OutboxRelay::with_storage(outbox, broker.publisher());
         broker.register_metrics(&metrics);
         relay.register_metrics(&metrics);
 
@@ -108,7 +111,7 @@ impl Application {
             broker,
             relay,
             prices,
-            _stop_background: background.clone().drop_guard(),
+            _stop_background: stop_background,
             background,
         })
     }
@@ -159,6 +162,35 @@ impl Application {
         let _ = relay.await;
         served.context("serving HTTP")
     }
+}
+
+/// The store and the outbox the relay publishes, on the backend `DATABASE_URL` names. A
+/// PostgreSQL database is migrated in the background until `background` is cancelled.
+async fn open_store(
+    settings: &Settings,
+    background: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn OrderRepository>, Arc<dyn OutboxStorage>)> {
+    let url = &settings.database.url;
+    Ok(match settings.database.backend()? {
+        Backend::Sqlite => {
+            let database = shared::db::connect_with(&settings.database, MIGRATIONS)
+                .await
+                .with_context(|| format!("opening the database {url}"))?;
+            (
+                Arc::new(SqliteOrderRepository::new(database.clone())),
+                Arc::new(SqliteOutbox::new(database)),
+            )
+        }
+        Backend::Postgres => {
+            // Not the URL in the message: it may hold a password.
+            let database = PgDatabase::start(url, PG_MIGRATIONS, background.clone())
+                .context("opening the PostgreSQL database (DATABASE_URL)")?;
+            (
+                Arc::new(PgOrderRepository::new(database.clone())),
+                Arc::new(PgOutbox::new(database)),
+            )
+        }
+    })
 }
 
 /// Ready when the database answers and the broker is connected (both are needed to accept an

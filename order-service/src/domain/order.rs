@@ -123,6 +123,11 @@ impl Order {
             .iter()
             .try_fold(Money(0), |sum, line| sum.plus(line.line_total()?))
             .ok_or(InvalidOrder::TotalTooLarge)?;
+        // Whole microseconds, the finest time every backend stores (PostgreSQL's TIMESTAMPTZ):
+        // the order read back later is then equal to the one answered when it was placed.
+        let created_at = created_at
+            .replace_nanosecond(created_at.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(created_at);
         Ok(Self {
             id,
             status: OrderStatus::Placed,

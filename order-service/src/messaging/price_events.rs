@@ -1,82 +1,103 @@
-//! `price.changed` → the price cache; the events waiting on the queue together are recorded in
-//! the inbox in one transaction.
+//! `price.changed` → the price cache; the events waiting on the queue together are applied in one
+//! transaction of the store (inbox row and versioned price), then refresh the in-memory cache.
 
-use shared::db::Database;
-use shared::events::PriceChanged;
-use shared::inbox;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shared::events::{Event, PriceChanged};
 use shared::messaging::{Handler, HandlerError, HandlerFuture, IncomingMessage};
+use shared::money::Money;
 
 use crate::domain::PriceCache;
+use crate::store::{OrderRepository, PriceChange, PriceChangeOutcome, StoreError};
 
-/// Refreshes the price cache from `price.changed`, deduplicating by message ID in the inbox.
-#[derive(Debug, Clone)]
+/// The `price.changed` payload as this consumer reads it: [`PriceChanged`] and the price's
+/// `version` at pricing when the publisher sends one (it increases per SKU); an event without
+/// one reads as version 0, which the store treats as "no older than what is cached".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionedPriceChanged {
+    sku: String,
+    price: Money,
+    currency: String,
+    #[serde(default)]
+    version: u64,
+}
+
+impl Event for VersionedPriceChanged {
+    const TYPE: &'static str = PriceChanged::TYPE;
+    const VERSION: u32 = PriceChanged::VERSION;
+}
+
+/// Refreshes the price cache from `price.changed`, deduplicating by message ID in the store's
+/// inbox and ignoring a price older than the one cached.
+#[derive(Clone)]
 pub struct PriceChangedHandler {
-    db: Database,
+    store: Arc<dyn OrderRepository>,
     prices: PriceCache,
 }
 
+impl std::fmt::Debug for PriceChangedHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PriceChangedHandler")
+            .field("prices", &self.prices)
+            .finish_non_exhaustive()
+    }
+}
+
 impl PriceChangedHandler {
-    /// A handler writing into `prices`, recording handled messages in `db`'s inbox.
-    pub fn new(db: Database, prices: PriceCache) -> Self {
-        Self { db, prices }
+    /// A handler writing into `prices`, recording handled messages through `store`.
+    pub fn new(store: Arc<dyn OrderRepository>, prices: PriceCache) -> Self {
+        Self { store, prices }
     }
 
-    async fn apply(&self, message: IncomingMessage) -> Result<(), HandlerError> {
-        let event: PriceChanged = message.decode()?;
-        let mut tx = self.db.begin_write().await.map_err(transient)?;
-        if !inbox::record(&mut tx, message.message_id)
-            .await
-            .map_err(transient)?
-        {
-            tracing::debug!(message_id = %message.message_id, "duplicate price.changed ignored");
-            return Ok(());
-        }
-        tx.commit().await.map_err(transient)?;
-        // After the commit: if recording failed, the message is redelivered and applied then.
-        // The cache is memory, so a crash right here loses it anyway.
-        self.refresh(&event);
-        Ok(())
-    }
-
-    /// Records every message of `messages` in one transaction, then refreshes the cache in queue
-    /// order (so the last change of a SKU wins); a message that does not decode fails the whole
-    /// batch (the consumer then handles each alone).
+    /// Applies `messages` in one store transaction, then refreshes the cache in queue order with
+    /// the changes the store applied (so the newest version of a SKU wins); a message that does
+    /// not decode fails the whole batch (the consumer then handles each alone).
     async fn apply_all(&self, messages: &[IncomingMessage]) -> Result<(), HandlerError> {
-        let events = messages
+        let changes = messages
             .iter()
-            .map(IncomingMessage::decode::<PriceChanged>)
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut tx = self.db.begin_write().await.map_err(transient)?;
-        let mut first = Vec::with_capacity(messages.len());
-        for message in messages {
-            first.push(
-                inbox::record(&mut tx, message.message_id)
-                    .await
-                    .map_err(transient)?,
-            );
-        }
-        tx.commit().await.map_err(transient)?;
-        for ((message, event), first) in messages.iter().zip(&events).zip(first) {
-            message.in_scope(|| {
-                if first {
-                    self.refresh(event);
-                } else {
+            .map(|message| {
+                let event: VersionedPriceChanged = message.decode()?;
+                Ok(PriceChange {
+                    message_id: message.message_id,
+                    sku: event.sku,
+                    price: event.price,
+                    currency: event.currency,
+                    version: event.version,
+                })
+            })
+            .collect::<Result<Vec<_>, HandlerError>>()?;
+        let outcomes = self
+            .store
+            .apply_price_changes(&changes)
+            .await
+            .map_err(handler_error)?;
+        // After the commit: if it failed, the messages are redelivered and applied then. The
+        // cache is memory, so a crash right here loses it anyway.
+        for ((message, change), outcome) in messages.iter().zip(&changes).zip(outcomes) {
+            message.in_scope(|| match outcome {
+                PriceChangeOutcome::Applied => self.refresh(change),
+                PriceChangeOutcome::Duplicate => {
                     tracing::debug!(message_id = %message.message_id, "duplicate price.changed ignored");
+                }
+                PriceChangeOutcome::Superseded => {
+                    tracing::info!(sku = %change.sku, version = change.version, "price.changed older than the cached price ignored");
                 }
             });
         }
         Ok(())
     }
 
-    fn refresh(&self, event: &PriceChanged) {
-        self.prices.put(&event.sku, event.price, &event.currency);
-        tracing::info!(sku = %event.sku, price = %event.price, currency = %event.currency, "price cache refreshed");
+    fn refresh(&self, change: &PriceChange) {
+        self.prices.put(&change.sku, change.price, &change.currency);
+        tracing::info!(sku = %change.sku, price = %change.price, currency = %change.currency, version = change.version, "price cache refreshed");
     }
 }
 
 impl Handler for PriceChangedHandler {
     fn handle(&self, message: IncomingMessage) -> HandlerFuture<'_> {
-        Box::pin(self.apply(message))
+        Box::pin(async move { self.apply_all(std::slice::from_ref(&message)).await })
     }
 
     fn handle_batch<'a>(&'a self, messages: &'a [IncomingMessage]) -> Option<HandlerFuture<'a>> {
@@ -84,6 +105,114 @@ impl Handler for PriceChangedHandler {
     }
 }
 
-fn transient(error: sqlx::Error) -> HandlerError {
-    HandlerError::Transient(error.to_string())
+/// A database failure is retried (the server may be back by the next delivery); a row that
+/// makes no sense will not fix itself.
+fn handler_error(error: StoreError) -> HandlerError {
+    match error {
+        StoreError::Database(_) => HandlerError::Transient(error.to_string()),
+        StoreError::Corrupt(_) => HandlerError::Permanent(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::correlation::CorrelationId;
+    use shared::pg::PgDatabase;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::store::{MIGRATIONS, PG_MIGRATIONS, PgOrderRepository, SqliteOrderRepository};
+
+    fn delivery(sku: &str, cents: i64, version: u64) -> IncomingMessage {
+        let event = VersionedPriceChanged {
+            sku: sku.to_owned(),
+            price: Money(cents),
+            currency: "EUR".to_owned(),
+            version,
+        };
+        IncomingMessage {
+            message_id: uuid::Uuid::new_v4(),
+            event_type: PriceChanged::TYPE.to_owned(),
+            version: PriceChanged::VERSION,
+            data: serde_json::to_vec(&event).expect("serialises").into(),
+            attempt: 1,
+            correlation_id: CorrelationId::new(),
+        }
+    }
+
+    async fn sqlite_handler() -> PriceChangedHandler {
+        let database = shared::db::connect("sqlite::memory:", MIGRATIONS)
+            .await
+            .expect("the database opens");
+        PriceChangedHandler::new(
+            Arc::new(SqliteOrderRepository::new(database)),
+            PriceCache::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_price_change_does_not_refresh_the_cache_again() {
+        let handler = sqlite_handler().await;
+        let change = delivery("BK-12", 3500, 1);
+        handler.handle(change.clone()).await.expect("handles");
+        // A live lookup since then knows better.
+        handler.prices.put("BK-12", Money(3600), "EUR");
+
+        handler.handle(change).await.expect("handles");
+
+        assert_eq!(
+            handler.prices.get("BK-12").map(|p| p.price),
+            Some(Money(3600))
+        );
+    }
+
+    #[tokio::test]
+    async fn of_a_batch_the_cache_keeps_the_newest_version_of_each_sku() {
+        let handler = sqlite_handler().await;
+        let batch = [
+            delivery("BK-12", 3000, 2),
+            delivery("BK-12", 2000, 1),
+            delivery("MG-07", 900, 1),
+        ];
+
+        handler
+            .handle_batch(&batch)
+            .expect("batches")
+            .await
+            .expect("handles");
+
+        assert_eq!(
+            handler.prices.get("BK-12").map(|p| p.price),
+            Some(Money(3000))
+        );
+        assert_eq!(
+            handler.prices.get("MG-07").map(|p| p.price),
+            Some(Money(900))
+        );
+    }
+
+    #[tokio::test]
+    async fn with_the_database_away_a_price_change_is_retried_not_dead_lettered() {
+        let shutdown = CancellationToken::new();
+        // Port 1 refuses connections on every machine.
+        let database = PgDatabase::start(
+            "postgres://postgres@127.0.0.1:1/x",
+            PG_MIGRATIONS,
+            shutdown.clone(),
+        )
+        .expect("a valid URL");
+        let handler = PriceChangedHandler::new(
+            Arc::new(PgOrderRepository::new(database)),
+            PriceCache::default(),
+        );
+
+        let outcome = handler.handle(delivery("BK-12", 3500, 1)).await;
+
+        assert!(
+            matches!(outcome, Err(HandlerError::Transient(_))),
+            "{outcome:?}"
+        );
+        assert!(handler.prices.is_empty());
+        shutdown.cancel();
+    }
 }

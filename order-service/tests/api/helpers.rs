@@ -58,8 +58,26 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
-/// Spawns the service after `customise` has adjusted its settings.
+/// Spawns the service after `customise` has adjusted its settings, and waits until it is ready.
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let test_app = start_app_with(customise).await;
+    // Ready means the database answers and the price-events queue is declared and bound, so a
+    // `price.changed` published from here on reaches it.
+    assert_eventually("the service is ready", || async {
+        test_app.readiness().await.0 == 200
+    })
+    .await;
+    test_app
+}
+
+/// Spawns the service keeping its state in the PostgreSQL database at `database_url`.
+pub async fn spawn_app_on(database_url: &str) -> TestApp {
+    spawn_app_with(|settings| settings.database.url = database_url.to_owned()).await
+}
+
+/// Spawns the service after `customise` has adjusted its settings, without waiting for it to be
+/// ready (for tests of a service whose dependencies are away).
+pub async fn start_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     shared::testing::init_test_logs();
     let pricing = MockServer::start().await;
     let inventory = MockServer::start().await;
@@ -111,17 +129,6 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         shutdown,
         server,
     };
-    // Ready means the database answers and the price-events queue is declared and bound, so a
-    // `price.changed` published from here on reaches it.
-    assert_eventually("the service is ready", || async {
-        test_app
-            .client
-            .get(format!("{}/readyz", test_app.address))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
     assert_eventually("the test's event queue is declared", || async {
         test_app.events.is_connected()
     })
@@ -147,6 +154,20 @@ impl TestApp {
     pub async fn post_order(&self, items: &[(&str, u32)], key: Option<&str>) -> Response {
         let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
         self.post_order_raw(order_body(items), &headers).await
+    }
+
+    /// `GET /readyz`: its status and body (status 0 while the service cannot be reached).
+    pub async fn readiness(&self) -> (u16, Value) {
+        let Ok(response) = self
+            .client
+            .get(format!("{}/readyz", self.address))
+            .send()
+            .await
+        else {
+            return (0, Value::Null);
+        };
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// Places an order and returns it (asserting `201`).
