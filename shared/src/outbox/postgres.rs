@@ -414,6 +414,19 @@ mod tests {
         .expect("terminates the leader's session");
 
         assert!(outbox.unsent(10).await.is_err(), "the old leader notices");
+        // pg_terminate_backend only signals the session: its locks are freed when it has exited.
+        crate::testing::assert_eventually("the killed session's lock is freed", || {
+            let pool = database.pool().clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                )
+                .fetch_one(&pool)
+                .await
+                .is_ok_and(|held| held == 0)
+            }
+        })
+        .await;
         standby.unsent(10).await.expect("reads");
         assert!(standby.is_leading().await, "the standby leads");
         outbox.unsent(10).await.expect("reads");
