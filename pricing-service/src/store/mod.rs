@@ -232,6 +232,8 @@ pub(crate) mod testing {
     use shared::db::Database;
     use shared::events::{EventLine, PriceChanged};
     use shared::money::Money;
+    use shared::outbox::postgres::PgOutbox;
+    use shared::outbox::{BacklogSize, OutboxStorage, SqliteOutbox};
     use shared::pg::PgDatabase;
     use shared::testing::postgres::TestDatabase;
     use uuid::Uuid;
@@ -298,6 +300,16 @@ pub(crate) mod testing {
             }
         }
 
+        /// The outbox backlog as the relay's gauges read it, through the backend's
+        /// [`OutboxStorage`].
+        pub async fn backlog(&self) -> BacklogSize {
+            let storage: Box<dyn OutboxStorage> = match &self.outbox {
+                Outbox::Sqlite(db) => Box::new(SqliteOutbox::new(db.clone())),
+                Outbox::Postgres(db) => Box::new(PgOutbox::new(db.clone())),
+            };
+            storage.backlog().await.expect("reads the backlog")
+        }
+
         /// The unsent `price.changed` events, in outbox order.
         pub async fn pending_events(&self) -> Vec<PriceChanged> {
             const UNSENT: &str = "SELECT data FROM outbox WHERE sent_at IS NULL ORDER BY id";
@@ -355,6 +367,11 @@ mod tests {
         assert_eq!(
             (events[0].sku.as_str(), events[0].price),
             ("BK-12", Money(4200))
+        );
+        assert_eq!(
+            store.backlog().await.pending,
+            1,
+            "the relay's gauge sees it"
         );
     }
     on_both_backends!(a_price_change_is_stored_with_its_outbox_row);
