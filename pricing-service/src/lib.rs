@@ -6,12 +6,15 @@
 //! | [`startup`] | [`startup::Application`]: wiring, serving, the outbox relay |
 //! | [`routes`] | `GET /prices`, `GET/PUT /prices/{sku}` |
 //! | [`domain`] | the price record and its validation |
-//! | [`store`] | the repository trait and its SQLite implementation (migrations in `migrations/`) |
+//! | [`store`] | the repository trait, on SQLite or PostgreSQL (migrations in `migrations/<backend>/`) |
 //! | [`messaging`] | the `order.placed` consumer (units sold) |
 //! | [`state`], [`error`] | request state and the problem+json error type |
 //!
 //! A price change is stored together with a `price.changed` outbox row in one transaction; the
 //! [`shared::outbox::OutboxRelay`] publishes it with confirms, so no change is lost or invented.
+//! With a `postgres://` `DATABASE_URL` several replicas share one database: each change of a
+//! SKU's price takes the next version, each `order.placed` counts once, and one replica at a
+//! time relays the outbox.
 
 pub mod config;
 pub mod domain;

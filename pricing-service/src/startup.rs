@@ -1,4 +1,4 @@
-//! Wiring: database, broker, outbox relay and routes, and their orderly shutdown.
+//! Wiring: database (SQLite or PostgreSQL), broker, outbox relay and routes, and their orderly shutdown.
 
 use std::sync::Arc;
 
@@ -8,7 +8,9 @@ use shared::admission::{Admission, ListenerSettings, Refusal};
 use shared::health::Health;
 use shared::messaging::Broker;
 use shared::metrics::Metrics;
-use shared::outbox::OutboxRelay;
+use shared::outbox::postgres::PgOutbox;
+use shared::outbox::{OutboxRelay, OutboxStorage, SqliteOutbox};
+use shared::pg::{Backend, PgDatabase};
 use shared::server::{Chassis, DEFAULT_BODY_LIMIT};
 use shared::shutdown::DEFAULT_DRAIN;
 use tokio::net::TcpListener;
@@ -19,7 +21,7 @@ use crate::config::Settings;
 use crate::messaging::OrderEventsHandler;
 use crate::routes;
 use crate::state::AppState;
-use crate::store::{MIGRATIONS, PriceStore, SqlitePriceStore};
+use crate::store::{MIGRATIONS, PG_MIGRATIONS, PgPriceStore, PriceStore, SqlitePriceStore};
 
 /// The built service, bound to its port, not yet serving.
 pub struct Application {
@@ -30,33 +32,36 @@ pub struct Application {
     relay: OutboxRelay,
     broker: Broker,
     background: CancellationToken,
-    // Stops the broker (started in `build`) if the application is dropped without running.
+    // Stops the broker and the PostgreSQL migrator (started in `build`) if the application is
+    // dropped without running.
     _stop_background: DropGuard,
 }
 
 impl Application {
-    /// Opens and migrates the database, binds the port and connects to the broker.
+    /// Opens the database (SQLite: opened and migrated here; PostgreSQL: connected and migrated
+    /// in the background, so the service starts while the server is away and `/readyz` says
+    /// why), binds the port and connects to the broker.
     ///
     /// # Errors
-    /// The database cannot be opened or migrated, or the port cannot be bound.
+    /// The SQLite database cannot be opened or migrated, the PostgreSQL URL is invalid, or the
+    /// port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let database = shared::db::connect_with(&settings.database, MIGRATIONS)
-            .await
-            .with_context(|| format!("opening the database {}", settings.database.url))?;
-        let store: Arc<dyn PriceStore> = Arc::new(SqlitePriceStore::new(database.clone()));
+        let background = CancellationToken::new();
+        // Stops the PostgreSQL migrator (started below) also when a later step fails.
+        let stop_background = background.clone().drop_guard();
+        let (store, outbox) = open_store(&settings, &background).await?;
         let listener = shared::server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
         let port = listener.local_addr()?.port();
 
-        let background = CancellationToken::new();
         let broker = Broker::start(
             SERVICE,
             settings.messaging.clone(),
             vec![OrderEventsHandler::consumer(store.clone())],
             background.clone(),
         );
-        let relay = OutboxRelay::new(database, broker.publisher());
+        let relay = OutboxRelay::with_storage(outbox, broker.publisher());
 
         let metrics = Metrics::new(SERVICE);
         broker.register_metrics(&metrics);
@@ -83,7 +88,7 @@ impl Application {
             router,
             relay,
             broker,
-            _stop_background: background.clone().drop_guard(),
+            _stop_background: stop_background,
             background,
         })
     }
@@ -129,6 +134,35 @@ impl Application {
         let _ = relay.await;
         served.context("serving HTTP")
     }
+}
+
+/// The store and the outbox the relay reads, on the backend `DATABASE_URL` names.
+async fn open_store(
+    settings: &Settings,
+    background: &CancellationToken,
+) -> anyhow::Result<(Arc<dyn PriceStore>, Arc<dyn OutboxStorage>)> {
+    Ok(match settings.database.backend()? {
+        Backend::Sqlite => {
+            let database = shared::db::connect_with(&settings.database, MIGRATIONS)
+                .await
+                .with_context(|| format!("opening the database {}", settings.database.url))?;
+            (
+                Arc::new(SqlitePriceStore::new(database.clone())),
+                Arc::new(SqliteOutbox::new(database)),
+            )
+        }
+        Backend::Postgres => {
+            // Not the URL in the message: it may hold a password.
+            let database =
+                PgDatabase::start(&settings.database.url, PG_MIGRATIONS, background.clone())
+                    .context("opening the PostgreSQL database named by DATABASE_URL")?;
+            (
+                Arc::new(PgPriceStore::new(database.clone())),
+                // Of several replicas, the one holding the relay's advisory lock publishes.
+                Arc::new(PgOutbox::new(database)),
+            )
+        }
+    })
 }
 
 /// Ready when the database answers and the broker is connected with its topology declared.

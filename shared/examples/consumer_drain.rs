@@ -150,6 +150,7 @@ async fn drain(events: usize, batches: bool, dir: &std::path::Path) -> anyhow::R
         sku: "BK-12".to_owned(),
         price: Money(1999),
         currency: "EUR".to_owned(),
+        version: 1,
     };
     let published = futures::stream::iter(0..events)
         .map(|_| {

@@ -73,6 +73,11 @@ pub struct PriceChanged {
     pub price: Money,
     /// ISO 4217 currency.
     pub currency: String,
+    /// The SKU's price version: each change of one SKU's price takes the next, also when several
+    /// replicas of pricing change it at once, so of two events the higher version is the newer
+    /// price. 0 in events from publishers that predate versions.
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl Event for PriceChanged {

@@ -13,6 +13,7 @@ async fn with_pricing_down_a_price_from_a_price_changed_event_is_used_and_marked
         sku: "MG-07".to_owned(),
         price: Money(1100),
         currency: "EUR".to_owned(),
+        version: 1,
     })
     .await;
     assert_eventually("the price reaches the cache", || async {

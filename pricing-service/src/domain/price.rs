@@ -17,6 +17,10 @@ pub struct Price {
     pub currency: String,
     /// Units sold in placed orders.
     pub units_sold: i64,
+    /// How many times the price was set: 1 for a new SKU (and the seeded catalogue), one more
+    /// for every change. `price.changed` carries it, so a consumer can tell a late event from the
+    /// latest one.
+    pub version: u64,
 }
 
 /// The currency of prices created without one: the catalogue is priced in euros.
@@ -68,12 +72,13 @@ mod tests {
             price: Money(3990),
             currency: "EUR".to_owned(),
             units_sold: 2,
+            version: 3,
         };
         assert_eq!(
             serde_json::to_value(&price).expect("serialise"),
             serde_json::json!({
                 "sku": "BK-12", "name": "The Rust Book", "price": 39.9,
-                "currency": "EUR", "unitsSold": 2
+                "currency": "EUR", "unitsSold": 2, "version": 3
             })
         );
     }

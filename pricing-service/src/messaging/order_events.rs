@@ -88,7 +88,9 @@ fn log_recorded(message: &IncomingMessage, event: &OrderPlaced, recorded: &Sales
     tracing::info!(message_id = %message.message_id, order_id = %event.order_id, units = recorded.units, "units sold recorded");
 }
 
-/// Every store failure here is the database's, which may recover: retry, then dead-letter.
+/// Every store failure here is the database's (busy, or a PostgreSQL server away), which may
+/// recover: retry, and dead-letter only once the retries run out. Nothing was written, since
+/// every recording is one transaction.
 fn to_handler_error(error: StoreError) -> HandlerError {
     HandlerError::Transient(error.to_string())
 }

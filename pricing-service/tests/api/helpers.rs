@@ -39,6 +39,25 @@ pub struct TestApp {
     price_changes: Mutex<mpsc::UnboundedReceiver<IncomingMessage>>,
     shutdown: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
+    settings: Settings,
+}
+
+/// Another process of the same service: same database, same broker namespace (so it competes
+/// for the same queues), its own port.
+pub struct Replica {
+    /// `http://127.0.0.1:<port>`.
+    pub address: String,
+    shutdown: CancellationToken,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Replica {
+    /// Stops the replica; the topology it shares stays for [`TestApp::teardown`].
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let served = self.server.await.expect("the server task ends");
+        served.expect("the replica stops cleanly");
+    }
 }
 
 /// Spawns the service with default test settings.
@@ -46,8 +65,21 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
-/// Spawns the service after `customise` has adjusted its settings.
+/// Spawns the service after `customise` has adjusted its settings, and waits until it is ready.
 pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let test_app = spawn_unready_app_with(customise).await;
+    // Ready means the database answers and the consumer queue is declared and bound, so a
+    // message published from here on reaches it.
+    assert_eventually("the service is ready", || async {
+        test_app.get("/readyz").await.status() == 200
+    })
+    .await;
+    test_app
+}
+
+/// Spawns the service after `customise` has adjusted its settings, without waiting for its
+/// database (which may be away); only the test connection to the broker is waited for.
+pub async fn spawn_unready_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     shared::testing::init_test_logs();
     let namespace = format!("t-{}", Uuid::new_v4());
     let amqp_url = shared::testing::amqp_url();
@@ -71,7 +103,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     let (sender, receiver) = mpsc::unbounded_channel();
     let events = Broker::start(
         "test",
-        settings.messaging,
+        settings.messaging.clone(),
         vec![ConsumerSpec {
             queue: "test.price-events".to_owned(),
             event_types: vec![PriceChanged::TYPE],
@@ -88,18 +120,8 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         price_changes: Mutex::new(receiver),
         shutdown,
         server,
+        settings,
     };
-    // Ready means the database answers and the consumer queue is declared and bound, so a
-    // message published from here on reaches it.
-    assert_eventually("the service is ready", || async {
-        test_app
-            .client
-            .get(format!("{}/readyz", test_app.address))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
     // Connected means the test queue is bound too, so `price.changed` is routable.
     assert_eventually("the test connection is ready", || async {
         test_app.events.is_connected()
@@ -109,13 +131,18 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
 }
 
 impl TestApp {
-    /// `GET /prices/{sku}`.
-    pub async fn get_price(&self, sku: &str) -> reqwest::Response {
+    /// `GET {path}`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/prices/{sku}", self.address))
+            .get(format!("{}{path}", self.address))
             .send()
             .await
-            .expect("GET /prices")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// `GET /prices/{sku}`.
+    pub async fn get_price(&self, sku: &str) -> reqwest::Response {
+        self.get(&format!("/prices/{sku}")).await
     }
 
     /// `GET /prices/{sku}` as JSON (asserting `200`).
@@ -156,6 +183,30 @@ impl TestApp {
             .publish(message)
             .await
             .expect("the broker confirms the message");
+    }
+
+    /// Starts a second process of the service with this one's settings, and waits until it is
+    /// ready.
+    pub async fn spawn_replica(&self) -> Replica {
+        let app = Application::build(self.settings.clone())
+            .await
+            .expect("the replica builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(app.run_until(shutdown.clone()));
+        assert_eventually("the replica is ready", || async {
+            self.client
+                .get(format!("{address}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        Replica {
+            address,
+            shutdown,
+            server,
+        }
     }
 
     /// Stops the service and deletes every exchange and queue the test declared.

@@ -2,4 +2,5 @@
 
 mod helpers;
 mod order_events;
+mod postgres;
 mod prices;

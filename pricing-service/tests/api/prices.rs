@@ -15,7 +15,7 @@ async fn the_price_of_a_seeded_sku_is_served_with_name_currency_and_units_sold()
         price,
         json!({
             "sku": "BK-12", "name": "The Rust Book", "price": 39.9,
-            "currency": "EUR", "unitsSold": 0
+            "currency": "EUR", "unitsSold": 0, "version": 1
         })
     );
     app.teardown().await;
@@ -75,12 +75,14 @@ async fn putting_a_price_changes_it_and_publishes_price_changed() {
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["price"], 13.75);
     assert_eq!(body["currency"], "EUR");
+    assert_eq!(body["version"], 2, "the seeded price was version 1");
     assert_eq!(app.price("MG-07").await["price"], 13.75);
     let (message, event) = app.next_price_changed().await;
     assert_eq!(message.event_type, "price.changed");
     assert_eq!(event.sku, "MG-07");
     assert_eq!(event.price, Money(1375));
     assert_eq!(event.currency, "EUR");
+    assert_eq!(event.version, 2);
     app.teardown().await;
 }
 
@@ -96,7 +98,10 @@ async fn putting_a_price_for_a_new_sku_creates_it_named_after_itself() {
     assert_eq!(response.headers()["location"], "/prices/NEW-1");
     assert_eq!(
         app.price("NEW-1").await,
-        json!({"sku": "NEW-1", "name": "NEW-1", "price": 5.0, "currency": "USD", "unitsSold": 0})
+        json!({
+            "sku": "NEW-1", "name": "NEW-1", "price": 5.0, "currency": "USD", "unitsSold": 0,
+            "version": 1
+        })
     );
     let (_, event) = app.next_price_changed().await;
     assert_eq!((event.sku.as_str(), event.price), ("NEW-1", Money(500)));
@@ -115,7 +120,7 @@ async fn putting_the_same_price_again_answers_200_and_publishes_again() {
     let (first, _) = app.next_price_changed().await;
     let (second, event) = app.next_price_changed().await;
     assert_ne!(first.message_id, second.message_id);
-    assert_eq!(event.price, Money(250));
+    assert_eq!((event.price, event.version), (Money(250), 3));
     app.teardown().await;
 }
 

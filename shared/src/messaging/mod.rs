@@ -237,6 +237,7 @@ mod tests {
             sku: "BK-12".to_owned(),
             price: Money(3990),
             currency: "EUR".to_owned(),
+            version: 1,
         }
     }
 

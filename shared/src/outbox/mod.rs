@@ -477,6 +477,7 @@ mod tests {
             sku: "MG-07".to_owned(),
             price: Money(1250),
             currency: "EUR".to_owned(),
+            version: 1,
         };
         enqueue(&mut tx, &event).await.expect("enqueues");
         tx.commit().await.expect("commits");
@@ -508,6 +509,7 @@ mod tests {
                 sku: sku.to_owned(),
                 price: Money(1250),
                 currency: "EUR".to_owned(),
+                version: 1,
             };
             enqueue(&mut tx, &event).await.expect("enqueues");
         }

@@ -295,6 +295,7 @@ mod tests {
                 sku: sku.clone(),
                 price: Money(1999),
                 currency: "EUR".to_owned(),
+                version: 1,
             };
             enqueue(&mut tx, &event).await.expect("enqueues");
         }

@@ -172,6 +172,7 @@ pub fn price_changed(sku: &str) -> PriceChanged {
         sku: sku.to_owned(),
         price: Money(1999),
         currency: "EUR".to_owned(),
+        version: 1,
     }
 }
 
