@@ -131,6 +131,9 @@ pub struct Price {
     currency: String,
     /// Units sold in placed orders.
     units_sold: i64,
+    /// The price's version: 1 when the SKU was created, one more with each change.
+    #[schema(minimum = 1)]
+    version: i64,
 }
 
 /// `PUT /api/prices/{sku}` body.

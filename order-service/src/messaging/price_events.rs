@@ -3,31 +3,11 @@
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use shared::events::{Event, PriceChanged};
+use shared::events::PriceChanged;
 use shared::messaging::{Handler, HandlerError, HandlerFuture, IncomingMessage};
-use shared::money::Money;
 
 use crate::domain::PriceCache;
 use crate::store::{OrderRepository, PriceChange, PriceChangeOutcome, StoreError};
-
-/// The `price.changed` payload as this consumer reads it: [`PriceChanged`] and the price's
-/// `version` at pricing when the publisher sends one (it increases per SKU); an event without
-/// one reads as version 0, which the store treats as "no older than what is cached".
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct VersionedPriceChanged {
-    sku: String,
-    price: Money,
-    currency: String,
-    #[serde(default)]
-    version: u64,
-}
-
-impl Event for VersionedPriceChanged {
-    const TYPE: &'static str = PriceChanged::TYPE;
-    const VERSION: u32 = PriceChanged::VERSION;
-}
 
 /// Refreshes the price cache from `price.changed`, deduplicating by message ID in the store's
 /// inbox and ignoring a price older than the one cached.
@@ -58,7 +38,7 @@ impl PriceChangedHandler {
         let changes = messages
             .iter()
             .map(|message| {
-                let event: VersionedPriceChanged = message.decode()?;
+                let event: PriceChanged = message.decode()?;
                 Ok(PriceChange {
                     message_id: message.message_id,
                     sku: event.sku,
@@ -120,11 +100,14 @@ mod tests {
     use shared::pg::PgDatabase;
     use tokio_util::sync::CancellationToken;
 
+    use shared::events::Event;
+    use shared::money::Money;
+
     use super::*;
     use crate::store::{MIGRATIONS, PG_MIGRATIONS, PgOrderRepository, SqliteOrderRepository};
 
     fn delivery(sku: &str, cents: i64, version: u64) -> IncomingMessage {
-        let event = VersionedPriceChanged {
+        let event = PriceChanged {
             sku: sku.to_owned(),
             price: Money(cents),
             currency: "EUR".to_owned(),

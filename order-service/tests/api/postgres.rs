@@ -2,29 +2,14 @@
 //! replicas on one database; and a server that is away at startup.
 
 use futures::future::join_all;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::events::{Event, PriceChanged};
+use shared::events::PriceChanged;
 use shared::money::Money;
 use shared::testing::postgres::TestDatabase;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::{assert_eventually, spawn_app_on, start_app_with};
-
-/// `price.changed` as a publisher that versions its prices sends it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct VersionedPriceChanged {
-    sku: String,
-    price: Money,
-    currency: String,
-    version: u64,
-}
-
-impl Event for VersionedPriceChanged {
-    const TYPE: &'static str = PriceChanged::TYPE;
-    const VERSION: u32 = PriceChanged::VERSION;
-}
 
 async fn outbox_rows(pool: &PgPool, event_type: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_type = $1")
@@ -86,7 +71,7 @@ async fn on_postgresql_an_order_is_placed_replayed_read_cancelled_once_and_publi
 async fn on_postgresql_price_changes_reach_the_cache_once_and_an_older_version_is_ignored() {
     let database = TestDatabase::create().await;
     let app = spawn_app_on(database.url()).await;
-    let price = |sku: &str, cents, version| VersionedPriceChanged {
+    let price = |sku: &str, cents, version| PriceChanged {
         sku: sku.to_owned(),
         price: Money(cents),
         currency: "EUR".to_owned(),
