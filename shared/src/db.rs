@@ -48,8 +48,8 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::config::{ConfigError, Env};
-use writer::WriterThread;
 pub use writer::WRITE_QUEUE;
+use writer::WriterThread;
 
 /// How long a connection waits for another's lock before giving up with `SQLITE_BUSY`: every
 /// transaction here takes milliseconds, so 5 s only runs out when something is badly stuck, and
