@@ -896,4 +896,379 @@ mod tests {
         let bad = Env::from_pairs([("SQLITE_SYNCHRONOUS", "sometimes")]);
         assert!(DbSettings::from_env(&bad, "order").is_err());
     }
+
+    // The writer thread (`Database::write`).
+
+    fn add_note(tx: &rusqlite::Transaction<'_>, body: &str) -> rusqlite::Result<()> {
+        tx.prepare_cached("INSERT INTO notes (body) VALUES (?)")?
+            .execute([body])?;
+        Ok(())
+    }
+
+    /// A file database of its own (removed by the caller with the returned directory).
+    async fn file_database(durability: Durability) -> (std::path::PathBuf, Database) {
+        let (dir, url) = temp_url();
+        let settings = DbSettings { url, durability };
+        (
+            dir,
+            connect_with(&settings, MIGRATIONS).await.expect("opens"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_write_that_returns_ok_is_committed_and_its_value_returned() {
+        let (dir, database) = file_database(Durability::Normal).await;
+
+        let id = database
+            .write(|tx| {
+                add_note(tx, "first")?;
+                add_note(tx, "second")?;
+                Ok::<_, rusqlite::Error>(tx.last_insert_rowid())
+            })
+            .await
+            .expect("commits");
+
+        assert_eq!(id, 2);
+        assert!(has_note(&database, "first").await);
+        assert!(has_note(&database, "second").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_returns_err_is_rolled_back_and_its_error_returned() {
+        let (dir, database) = file_database(Durability::Normal).await;
+
+        let outcome = database
+            .write(|tx| {
+                add_note(tx, "rolled back")?;
+                Err::<(), DatabaseError>(DatabaseError::new("the order is short", false))
+            })
+            .await;
+
+        match outcome {
+            Err(WriteError::Aborted(error)) => assert_eq!(error.to_string(), "the order is short"),
+            other => panic!("expected the closure's error, got {other:?}"),
+        }
+        assert!(!has_note(&database, "rolled back").await);
+        assert_eq!(count(&database).await, 0);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_is_rolled_back_with_an_error_and_the_next_write_works() {
+        let (dir, database) = file_database(Durability::Normal).await;
+
+        let outcome = database
+            .write(|tx| -> rusqlite::Result<()> {
+                add_note(tx, "half done")?;
+                panic!("a bug in the closure");
+            })
+            .await;
+        database
+            .write(|tx| add_note(tx, "after the panic"))
+            .await
+            .expect("the writer thread lives on");
+
+        let error = DatabaseError::from(outcome.expect_err("a panic is an error"));
+        assert!(!error.is_transient(), "the same closure would panic again");
+        assert!(
+            error.to_string().contains("a bug in the closure"),
+            "{error}"
+        );
+        assert!(!has_note(&database, "half done").await);
+        assert!(has_note(&database, "after the panic").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_is_dropped_mid_transaction_commits_whole_and_the_next_write_works()
+     {
+        let (dir, database) = file_database(Durability::Normal).await;
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let writer = database.clone();
+        let caller = tokio::spawn(async move {
+            writer
+                .write(move |tx| {
+                    add_note(tx, "one")?;
+                    let _ = started.send(());
+                    // The caller is dropped here, in the middle of the transaction.
+                    let _ = wait_for_go.recv();
+                    for body in ["two", "three", "four", "five"] {
+                        add_note(tx, body)?;
+                    }
+                    Ok::<_, rusqlite::Error>(())
+                })
+                .await
+        });
+        has_started.await.expect("the transaction starts");
+
+        caller.abort();
+        assert!(caller.await.expect_err("aborted").is_cancelled());
+        go.send(()).expect("the closure waits");
+        database
+            .write(|tx| add_note(tx, "next"))
+            .await
+            .expect("the next write works");
+
+        // All of the abandoned transaction or none of it; once started it runs to COMMIT.
+        assert_eq!(count(&database).await, 6);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_is_dropped_before_it_starts_is_not_run() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let writer = database.clone();
+        let first = tokio::spawn(async move {
+            writer
+                .write(move |tx| {
+                    let _ = started.send(());
+                    let _ = wait_for_go.recv();
+                    add_note(tx, "first")
+                })
+                .await
+        });
+        has_started.await.expect("the first transaction starts");
+
+        // Queued behind the first, polled once and dropped, as a request whose deadline passes.
+        assert!(
+            database
+                .write(|tx| add_note(tx, "abandoned"))
+                .now_or_never()
+                .is_none()
+        );
+        go.send(()).expect("the first waits");
+        first.await.expect("joins").expect("commits");
+        database
+            .write(|tx| add_note(tx, "next"))
+            .await
+            .expect("the next write works");
+
+        assert!(has_note(&database, "first").await);
+        assert!(!has_note(&database, "abandoned").await);
+        assert!(has_note(&database, "next").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_from_many_tasks_are_serialised_and_all_applied() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        database
+            .write(|tx| tx.execute("INSERT INTO notes (id, body) VALUES (1, '0')", []))
+            .await
+            .expect("seeds");
+        // Each reads the counter and writes it back plus one: two transactions interleaving would
+        // lose increments.
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let database = database.clone();
+                tokio::spawn(async move {
+                    database
+                        .write(|tx| {
+                            let n: String =
+                                tx.query_row("SELECT body FROM notes WHERE id = 1", [], |row| {
+                                    row.get(0)
+                                })?;
+                            let next = n.parse::<i64>().unwrap_or(-1_000) + 1;
+                            tx.execute(
+                                "UPDATE notes SET body = ? WHERE id = 1",
+                                [next.to_string()],
+                            )?;
+                            add_note(tx, "one more")
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("joins").expect("commits");
+        }
+
+        let body: String = sqlx::query_scalar("SELECT body FROM notes WHERE id = 1")
+            .fetch_one(database.pool())
+            .await
+            .expect("reads");
+        assert_eq!(body, "64");
+        assert_eq!(count(&database).await, 65);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn readers_on_the_pool_see_committed_rows_while_the_writer_is_inside_a_transaction() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        database
+            .write(|tx| add_note(tx, "committed"))
+            .await
+            .expect("commits");
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let writer = database.clone();
+        let open = tokio::spawn(async move {
+            writer
+                .write(move |tx| {
+                    add_note(tx, "pending")?;
+                    let _ = started.send(());
+                    let _ = wait_for_go.recv();
+                    Ok::<_, rusqlite::Error>(())
+                })
+                .await
+        });
+        has_started.await.expect("the transaction starts");
+
+        // The writer holds the write lock; in WAL mode a read neither waits nor sees its rows.
+        let (committed, pending) = tokio::time::timeout(Duration::from_secs(2), async {
+            (
+                has_note(&database, "committed").await,
+                has_note(&database, "pending").await,
+            )
+        })
+        .await
+        .expect("reads do not wait for the writer");
+        go.send(()).expect("the writer waits");
+        open.await.expect("joins").expect("commits");
+
+        assert!(committed);
+        assert!(!pending, "an uncommitted row is not visible");
+        assert!(has_note(&database, "pending").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn writer_pragma(database: &Database, name: &'static str) -> i64 {
+        database
+            .write(move |tx| tx.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0)))
+            .await
+            .expect("reads the pragma")
+    }
+
+    #[tokio::test]
+    async fn the_writer_connection_has_the_settings_of_the_pool_and_the_chosen_durability() {
+        for (durability, synchronous) in [(Durability::Normal, 1), (Durability::Full, 2)] {
+            let (dir, database) = file_database(durability).await;
+
+            assert_eq!(writer_pragma(&database, "synchronous").await, synchronous);
+            assert_eq!(writer_pragma(&database, "foreign_keys").await, 1);
+            assert_eq!(
+                writer_pragma(&database, "busy_timeout").await,
+                i64::try_from(BUSY_TIMEOUT.as_millis()).expect("fits")
+            );
+            let mode: String = database
+                .write(|tx| tx.query_row("PRAGMA journal_mode", [], |row| row.get(0)))
+                .await
+                .expect("reads");
+            assert_eq!(mode, "wal");
+            database.close().await;
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn foreign_keys_are_enforced_on_the_writer_thread() {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        let orphan = database
+            .write(|tx| tx.execute("INSERT INTO tags (note_id) VALUES (42)", []))
+            .await;
+        let error = DatabaseError::from(orphan.expect_err("an orphan row must be refused"));
+        assert!(!error.is_transient(), "a constraint violation is a bug");
+    }
+
+    #[tokio::test]
+    async fn a_write_lock_held_past_the_busy_timeout_is_a_transient_error_and_the_next_write_works()
+    {
+        let (dir, database) = file_database(Durability::Normal).await;
+        // The test's own short wait instead of BUSY_TIMEOUT, on this database's writer only.
+        database
+            .write(|tx| tx.busy_timeout(Duration::from_millis(100)))
+            .await
+            .expect("sets the busy timeout");
+        // The older write connection, a second writer on the same file, holds the write lock.
+        let mut held = database.begin_write().await.expect("begins");
+        sqlx::query("INSERT INTO notes (body) VALUES ('by sqlx')")
+            .execute(&mut *held)
+            .await
+            .expect("inserts");
+
+        let busy = database.write(|tx| add_note(tx, "refused")).await;
+        held.commit().await.expect("commits");
+        database
+            .write(|tx| add_note(tx, "after the lock"))
+            .await
+            .expect("the lock is free again");
+
+        let error = DatabaseError::from(busy.expect_err("the lock is held"));
+        assert!(error.is_transient(), "{error}");
+        assert!(!has_note(&database, "refused").await);
+        assert!(has_note(&database, "by sqlx").await);
+        assert!(has_note(&database, "after the lock").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_closed_database_refuses_writes_with_a_transient_error() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        database
+            .write(|tx| add_note(tx, "before"))
+            .await
+            .expect("commits");
+        database.close().await;
+
+        let refused = database.write(|tx| add_note(tx, "after")).await;
+
+        let error = DatabaseError::from(refused.expect_err("closed"));
+        assert!(error.is_transient(), "{error}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_a_private_file_deleted_with_the_last_clone() {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        let temporary = database
+            .shared
+            ._temporary
+            .as_ref()
+            .expect("a temporary file");
+        let paths = temporary.paths();
+        assert!(paths[0].starts_with(std::env::temp_dir()));
+        database
+            .write(|tx| add_note(tx, "in a file"))
+            .await
+            .expect("commits");
+        assert!(has_note(&database, "in a file").await);
+        assert!(paths[0].exists() && paths[1].exists(), "WAL mode");
+        let clone = database.clone();
+
+        drop(database);
+        assert!(paths[0].exists(), "a clone still uses it");
+        assert!(has_note(&clone, "in a file").await);
+        drop(clone);
+
+        for path in &paths {
+            assert!(!path.exists(), "{} is left behind", path.display());
+        }
+    }
+
+    #[test]
+    fn sqlites_busy_and_locked_are_transient_and_other_failures_are_not() {
+        let failure = |code: i32| {
+            DatabaseError::from(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY).is_transient());
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY_SNAPSHOT).is_transient());
+        assert!(failure(rusqlite::ffi::SQLITE_LOCKED).is_transient());
+        assert!(!failure(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE).is_transient());
+        assert!(!DatabaseError::from(rusqlite::Error::QueryReturnedNoRows).is_transient());
+    }
 }
