@@ -3,7 +3,7 @@
 //! binary.
 //!
 //! SQLite allows one writer at a time, so a [`Database`] has exactly one: a thread of its own
-//! ([`writer`]) holding a rusqlite connection, which runs each write transaction whole, handed to
+//! (`db/writer.rs`) holding a rusqlite connection, which runs each write transaction whole, handed to
 //! it as a closure ([`Database::write`]). Writers queue for it first come first served instead of
 //! several connections racing for the file's write lock and sleeping in SQLite's busy handler
 //! (1, 2, 5, 10 … 100 ms) when they lose. Through sqlx every statement is a round trip to the
