@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{BUSY_TIMEOUT, DatabaseError, Durability, WriteError};
 use crate::correlation;
+use crate::messaging::metrics;
 
 /// Jobs that may wait for the writer thread before callers of [`super::Database::write`] wait in
 /// turn to hand theirs over. Waiting outside the queue costs nothing and ends with the caller
@@ -105,7 +106,8 @@ impl WriterThread {
         // The closure runs on another thread: it takes the caller's span (and the subscriber
         // that span belongs to, which a test may have set for its own thread only) and
         // correlation ID along, so what it logs, and the trace context an outbox row captures,
-        // are the caller's.
+        // are the caller's. The duplicates the inbox recognises in it come back with the outcome,
+        // for the caller's consumer to count.
         let span = tracing::Span::current();
         let dispatch = tracing::dispatcher::get_default(Clone::clone);
         let correlation_id = correlation::current();
@@ -116,7 +118,8 @@ impl WriterThread {
             if reply.is_closed() {
                 return;
             }
-            let run = || span.in_scope(|| transaction(connection, work));
+            let run =
+                || span.in_scope(|| metrics::counting_duplicates(|| transaction(connection, work)));
             let result = tracing::dispatcher::with_default(&dispatch, || match correlation_id {
                 Some(id) => correlation::sync_scope(id, run),
                 None => run(),
@@ -129,7 +132,11 @@ impl WriterThread {
             .send(Command::Write(job))
             .await
             .map_err(|_| closed())?;
-        outcome.await.map_err(|_| closed())?
+        let (result, duplicates) = outcome.await.map_err(|_| closed())?;
+        if duplicates > 0 {
+            metrics::mark_duplicates(duplicates);
+        }
+        result
     }
 
     /// Stops the thread after the jobs already queued and closes its connection; later writes

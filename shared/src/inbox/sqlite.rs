@@ -79,4 +79,32 @@ mod tests {
                 .expect("records")
         );
     }
+
+    #[tokio::test]
+    async fn a_duplicate_recognised_on_the_writer_thread_is_counted_for_the_consumer_handling_it() {
+        let database = db::connect("sqlite::memory:", &[(1, "inbox", super::super::MIGRATION)])
+            .await
+            .expect("opens");
+        let (seen, known) = (Uuid::new_v4(), Uuid::new_v4());
+        database
+            .write(move |tx| record(tx, seen))
+            .await
+            .expect("records");
+
+        let (first, duplicates) = crate::messaging::metrics::watching_duplicates(async {
+            database
+                .write(move |tx| {
+                    Ok::<_, DatabaseError>((
+                        record(tx, seen)?,
+                        record(tx, known)?,
+                        record(tx, known)?,
+                    ))
+                })
+                .await
+        })
+        .await;
+
+        assert_eq!(first.expect("records"), (false, true, false));
+        assert_eq!(duplicates, 2);
+    }
 }
