@@ -1,41 +1,55 @@
-//! SQLite storage: one database file per service (in memory for tests), WAL, a busy timeout,
-//! foreign keys, a small pool for reads, one connection for writes, and migrations embedded in
-//! the binary.
+//! SQLite storage: one database file per service (a private temporary file for tests), WAL, a
+//! busy timeout, foreign keys, a small pool for reads, one writer, and migrations embedded in the
+//! binary.
 //!
-//! SQLite allows one writer at a time, so a [`Database`] has exactly one write connection, behind
-//! an async mutex: writers queue for it in tokio, first come first served, instead of several
-//! pooled connections racing for the file's write lock and sleeping in SQLite's busy handler
-//! (1, 2, 5, 10 … 100 ms) when they lose, which under load made most of a write's latency. The
-//! write connection also skips the pool's pings (at check-out and check-in), each a round trip to
-//! sqlx's worker thread. Reads use the pool; in WAL mode they never wait for the writer.
+//! SQLite allows one writer at a time, so a [`Database`] has exactly one: a thread of its own
+//! (`db/writer.rs`) holding a rusqlite connection, which runs each write transaction whole, handed to
+//! it as a closure ([`Database::write`]). Writers queue for it first come first served instead of
+//! several connections racing for the file's write lock and sleeping in SQLite's busy handler
+//! (1, 2, 5, 10 … 100 ms) when they lose. Through sqlx every statement is a round trip to the
+//! connection's worker thread (a channel send, a wake-up, a reply); a transaction of `BEGIN`,
+//! five statements and `COMMIT` was seven of them, and on the writer thread it is one
+//! (docs/decisions/0410-sqlite-writer-thread.md). Reads stay on sqlx's pool; in WAL mode they
+//! never wait for the writer.
 //!
-//! A request whose deadline passes is dropped mid-await, and sqlx's worker still runs a statement
-//! once it was sent: a `BEGIN` or `COMMIT` may land after its caller is gone. So the write
-//! connection is marked "in a transaction" *before* either is sent and until `COMMIT` returns,
-//! and the next writer first makes a marked connection clean (`ROLLBACK`, or a new connection
-//! when there is nothing to roll back or the old one is broken).
+//! A request whose deadline passes is dropped mid-await. A closure cannot be stopped halfway: the
+//! thread runs it to `COMMIT` (on `Ok`) or `ROLLBACK` (on `Err` or a panic) whatever its caller
+//! does, so a cancelled write is all or nothing by construction, and a job whose caller is gone
+//! before it starts is not run at all.
 //!
 //! A transaction that reads and then writes starts as a reader and must upgrade its lock; SQLite
 //! may refuse that upgrade with `SQLITE_BUSY` at once, bypassing the busy timeout, when another
-//! process writes the same file. Write transactions therefore start with `BEGIN IMMEDIATE`
-//! ([`Database::begin_write`]), which takes the write lock up front and waits politely for it.
+//! process writes the same file. Write transactions therefore start with `BEGIN IMMEDIATE`, which
+//! takes the write lock up front and waits politely for it.
+//!
+//! The older write path, [`Database::begin_write`] and [`Database::writer`] (sqlx statements on a
+//! second, dedicated write connection), still works while stores move to [`Database::write`]; the
+//! two writers share the file's write lock through SQLite's lock and busy timeout. A cancelled
+//! `BEGIN` or `COMMIT` on it may land after its caller is gone, so that connection is marked "in a
+//! transaction" *before* either is sent and until `COMMIT` returns, and the next writer first
+//! makes a marked connection clean (`ROLLBACK`, or a new connection when there is nothing to roll
+//! back or the old one is broken).
+
+mod writer;
 
 use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
 use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::config::{ConfigError, Env};
+pub use writer::WRITE_QUEUE;
+use writer::WriterThread;
 
 /// How long a connection waits for another's lock before giving up with `SQLITE_BUSY`: every
 /// transaction here takes milliseconds, so 5 s only runs out when something is badly stuck, and
@@ -96,6 +110,54 @@ impl From<sqlx::Error> for DatabaseError {
             _ => false,
         };
         Self::new(error, transient)
+    }
+}
+
+impl From<rusqlite::Error> for DatabaseError {
+    /// Transient for SQLite's `BUSY` and `LOCKED` (the write lock not granted within
+    /// [`BUSY_TIMEOUT`], a table locked by another connection), as for sqlx's errors.
+    fn from(error: rusqlite::Error) -> Self {
+        let transient = matches!(
+            error.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        Self::new(error, transient)
+    }
+}
+
+/// Why [`Database::write`] did not commit. Nothing of the transaction was kept in either case.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError<E> {
+    /// The closure returned this error, and the transaction was rolled back.
+    #[error(transparent)]
+    Aborted(E),
+    /// The database failed: the write lock was not granted within [`BUSY_TIMEOUT`] (transient),
+    /// `BEGIN` or `COMMIT` failed, the closure panicked (rolled back), or the database is closed
+    /// (transient).
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+}
+
+impl<E: From<DatabaseError>> WriteError<E> {
+    /// The closure's error, or the database's converted into the closure's error type: for a
+    /// store whose error enum wraps [`DatabaseError`],
+    /// `db.write(...).await.map_err(WriteError::flatten)?`.
+    pub fn flatten(self) -> E {
+        match self {
+            Self::Aborted(error) => error,
+            Self::Database(error) => E::from(error),
+        }
+    }
+}
+
+impl<E: Into<DatabaseError>> From<WriteError<E>> for DatabaseError {
+    /// A closure whose errors are database errors (`rusqlite::Error`, [`DatabaseError`]) fails
+    /// a store call with `?` directly.
+    fn from(error: WriteError<E>) -> Self {
+        match error {
+            WriteError::Aborted(error) => error.into(),
+            WriteError::Database(error) => error,
+        }
     }
 }
 
@@ -171,7 +233,8 @@ impl DbSettings {
 }
 
 /// Opens (creating if needed) the SQLite database at `url` (`sqlite://orders.db` or
-/// `sqlite::memory:`) with WAL, a busy timeout, a read pool and a write connection, and runs
+/// `sqlite::memory:`, see [`connect_with`]) with WAL, a busy timeout, a read pool and a writer
+/// thread, and runs
 /// `migrations` (`(version, description, sql)`, embedded with `include_str!`). Commits use
 /// [`Durability::Normal`]; see [`connect_with`] to choose.
 ///
@@ -190,76 +253,125 @@ pub async fn connect(
 
 /// [`connect`] with explicit [`DbSettings`].
 ///
-/// An in-memory database lives only as long as a connection to it, so an in-memory pool holds
-/// exactly one connection that never idles out or expires, and that one connection serves the
-/// writes as well (tests do not need the write connection's queueing).
+/// An in-memory URL (`sqlite::memory:`, `mode=memory`) opens a private temporary file instead, in
+/// [`std::env::temp_dir`] under a name of its own, deleted when the last clone of the
+/// [`Database`] is dropped: the writer thread's connection cannot share an in-memory database
+/// with sqlx's, and tests then keep their isolation and run the same WAL and writer path as
+/// production. (Keep the [`Database`], not only a clone of its pool, for as long as the data is
+/// needed.)
 ///
 /// # Errors
-/// Connection or migration failure.
+/// Connection or migration failure, or the writer thread cannot open its connection.
 pub async fn connect_with(
     settings: &DbSettings,
     migrations: &[(i64, &'static str, &'static str)],
 ) -> Result<Database, sqlx::Error> {
     let in_memory = settings.url.contains(":memory:") || settings.url.contains("mode=memory");
-    let options = SqliteConnectOptions::from_str(&settings.url)?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(match settings.durability {
-            Durability::Normal => SqliteSynchronous::Normal,
-            Durability::Full => SqliteSynchronous::Full,
-        })
-        .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true);
-    let pool = if in_memory {
-        SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-    } else {
-        // `create_if_missing` creates the file, not its directory (`data/` by default).
-        if let Some(parent) = options.get_filename().parent()
-            && !parent.as_os_str().is_empty()
-        {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS)
+    let temporary = in_memory.then(TemporaryFile::new);
+    let options = match &temporary {
+        Some(file) => SqliteConnectOptions::new().filename(&file.path),
+        None => SqliteConnectOptions::from_str(&settings.url)?,
     }
-    // A ping before every checkout guards against a server that hung up while the connection
-    // sat idle; an embedded database cannot hang up, and each ping is a round trip to sqlx's
-    // worker thread on every query of the hot path.
-    .test_before_acquire(false)
-    .connect_with(options.clone())
-    .await?;
+    .create_if_missing(true)
+    .journal_mode(SqliteJournalMode::Wal)
+    .synchronous(match settings.durability {
+        Durability::Normal => SqliteSynchronous::Normal,
+        Durability::Full => SqliteSynchronous::Full,
+    })
+    .busy_timeout(BUSY_TIMEOUT)
+    .foreign_keys(true);
+    // `create_if_missing` creates the file, not its directory (`data/` by default).
+    if let Some(parent) = options.get_filename().parent()
+        && !parent.as_os_str().is_empty()
+    {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let pool = SqlitePoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        // A ping before every checkout guards against a server that hung up while the
+        // connection sat idle; an embedded database cannot hang up, and each ping is a round
+        // trip to sqlx's worker thread on every query of the hot path.
+        .test_before_acquire(false)
+        .connect_with(options.clone())
+        .await?;
     migrate(&pool, migrations).await?;
-    let writer = if in_memory {
-        Writer::Pool
-    } else {
-        Writer::Dedicated(Arc::new(Mutex::new(WriteSlot {
-            connection: SqliteConnection::connect_with(&options).await?,
-            options,
-            in_transaction: false,
-        })))
-    };
-    Ok(Database { pool, writer })
+    let thread = WriterThread::start(options.get_filename(), settings.durability)
+        .await
+        .map_err(|error| sqlx::Error::Io(std::io::Error::other(error)))?;
+    let writer = Arc::new(Mutex::new(WriteSlot {
+        connection: SqliteConnection::connect_with(&options).await?,
+        options,
+        in_transaction: false,
+    }));
+    Ok(Database {
+        pool,
+        writer,
+        shared: Arc::new(Shared {
+            thread,
+            _temporary: temporary,
+        }),
+    })
 }
 
-/// A service's database: a pool for reads and one connection for writes. Cheap to clone.
+/// A service's database: a pool for reads and one writer thread. Cheap to clone; the writer
+/// thread stops (and a temporary file is deleted) when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: SqlitePool,
-    writer: Writer,
+    /// The sqlx write connection of [`Database::begin_write`] and [`Database::writer`].
+    writer: Arc<Mutex<WriteSlot>>,
+    shared: Arc<Shared>,
 }
 
-#[derive(Debug, Clone)]
-enum Writer {
-    /// The file's one write connection.
-    Dedicated(Arc<Mutex<WriteSlot>>),
-    /// In memory: the pool's only connection writes too.
-    Pool,
+/// What the clones of a [`Database`] share and the last one ends.
+#[derive(Debug)]
+struct Shared {
+    thread: WriterThread,
+    /// Held for its `Drop`; declared after the thread, so the thread's handle is dropped (and
+    /// the thread told to stop) first.
+    _temporary: Option<TemporaryFile>,
 }
 
-/// The write connection of a file database and its state.
+/// The private file behind an in-memory URL, deleted (with its WAL and shared-memory files)
+/// when dropped. A connection still open to it keeps working on the unlinked file.
+#[derive(Debug)]
+struct TemporaryFile {
+    path: PathBuf,
+}
+
+impl TemporaryFile {
+    fn new() -> Self {
+        let name = format!("shared-db-{}.db", uuid::Uuid::new_v4());
+        Self {
+            path: std::env::temp_dir().join(name),
+        }
+    }
+
+    /// The database file and SQLite's companions to it.
+    fn paths(&self) -> [PathBuf; 3] {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let mut shm = self.path.clone().into_os_string();
+        shm.push("-shm");
+        [self.path.clone(), wal.into(), shm.into()]
+    }
+}
+
+impl Drop for TemporaryFile {
+    fn drop(&mut self) {
+        for path in self.paths() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(%error, path = %path.display(), "cannot delete a temporary database file");
+                }
+            }
+        }
+    }
+}
+
+/// The sqlx write connection of a database and its state.
 #[derive(Debug)]
 pub struct WriteSlot {
     connection: SqliteConnection,
@@ -273,6 +385,9 @@ pub struct WriteSlot {
 impl WriteSlot {
     /// Ends whatever transaction a cancelled or failed writer left open.
     async fn make_clean(&mut self) -> Result<(), sqlx::Error> {
+        if !self.in_transaction {
+            return Ok(());
+        }
         if sqlx::query("ROLLBACK")
             .execute(&mut self.connection)
             .await
@@ -290,43 +405,76 @@ impl WriteSlot {
 
 impl Database {
     /// The read pool: `sqlx::query(...).fetch_one(db.pool())`. Writes go through
-    /// [`Database::begin_write`] or [`Database::writer`], not through the pool.
+    /// [`Database::write`], not through the pool.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
 
-    /// The write connection, for one statement in its own (autocommit) transaction. Waits, in
-    /// turn, for the writers before it; no timeout of its own, since every writer holds it for
-    /// one short transaction and a request's deadline bounds the wait of a request.
+    /// Runs `work` as one write transaction on the writer thread: `BEGIN IMMEDIATE`, `work`,
+    /// then `COMMIT` when it returns `Ok`, `ROLLBACK` when it returns `Err` or panics. The whole
+    /// transaction is one hand-off to the thread and one back, so `work` is synchronous rusqlite
+    /// code (`tx.prepare_cached(sql)?.execute(params)?`) that should do nothing but the
+    /// transaction's statements: no waiting on the network, no awaiting. It runs in the caller's
+    /// tracing span and correlation ID, so [`crate::outbox::sqlite::enqueue`] captures both. It
+    /// must not end the transaction itself (`COMMIT`) nor change the connection's settings.
+    ///
+    /// Cancellation: dropping the returned future never leaves a transaction open or half
+    /// applied. A transaction not yet started when its caller is gone is skipped; one already
+    /// running goes on to `COMMIT` or `ROLLBACK` as if the caller were still there, and the
+    /// next write starts on a clean connection.
+    ///
+    /// Writers wait in turn, first come first served (see [`WRITE_QUEUE`]); there is no timeout
+    /// of its own, since each transaction takes a fraction of a millisecond and a request's
+    /// deadline bounds the wait of a request.
     ///
     /// # Errors
-    /// When a connection left unclean by a cancelled writer cannot be replaced or, in memory, no
-    /// connection is available.
-    pub async fn writer(&self) -> Result<WriteConnection, sqlx::Error> {
-        let mut connection = match &self.writer {
-            Writer::Dedicated(slot) => WriteConnection::Dedicated(slot.clone().lock_owned().await),
-            Writer::Pool => WriteConnection::Pooled(self.pool.acquire().await?),
-        };
-        connection.make_clean().await?;
-        Ok(connection)
+    /// [`WriteError::Aborted`] with the closure's error (rolled back), or
+    /// [`WriteError::Database`]: the write lock not granted within [`BUSY_TIMEOUT`] (another
+    /// process or the older write connection holds it; transient), a failed `COMMIT`, a panic in
+    /// `work`, or a closed database (transient).
+    pub async fn write<F, T, E>(&self, work: F) -> Result<T, WriteError<E>>
+    where
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        self.shared.thread.write(work).await
     }
 
-    /// Starts a write transaction with `BEGIN IMMEDIATE` on the write connection. Use it for
-    /// every transaction that writes; plain reads use [`Database::pool`]. Dropped without
+    /// The sqlx write connection, for one statement in its own (autocommit) transaction. Waits,
+    /// in turn, for the writers before it; no timeout of its own, since every writer holds it
+    /// for one short transaction and a request's deadline bounds the wait of a request.
+    ///
+    /// New code writes with [`Database::write`]; this connection stays while stores move over
+    /// (the two writers share the file's write lock).
+    ///
+    /// # Errors
+    /// When a connection left unclean by a cancelled writer cannot be replaced.
+    pub async fn writer(&self) -> Result<WriteConnection, sqlx::Error> {
+        let mut slot = self.writer.clone().lock_owned().await;
+        slot.make_clean().await?;
+        Ok(WriteConnection(slot))
+    }
+
+    /// Starts a write transaction with `BEGIN IMMEDIATE` on the sqlx write connection, each of
+    /// its statements a round trip to sqlx's worker thread. Dropped without
     /// [`WriteTransaction::commit`], the transaction is rolled back.
+    ///
+    /// New code writes with [`Database::write`]: one hand-off for the whole transaction; this
+    /// path stays while stores move over (the two writers share the file's write lock).
     ///
     /// # Errors
     /// As [`Database::writer`], and when the write lock is not granted within [`BUSY_TIMEOUT`]
-    /// (another process holds it).
+    /// (another process or the writer thread holds it).
     pub async fn begin_write(&self) -> Result<WriteTransaction, sqlx::Error> {
         let mut connection = self.writer().await?;
         // Marked before it is sent: if this future is dropped mid-await, the BEGIN may still run.
-        connection.set_in_transaction(true);
+        connection.0.in_transaction = true;
         if let Err(error) = sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut *connection)
             .await
         {
-            connection.set_in_transaction(false);
+            connection.0.in_transaction = false;
             return Err(error);
         }
         Ok(WriteTransaction {
@@ -334,41 +482,24 @@ impl Database {
         })
     }
 
-    /// Closes the read pool; the write connection closes with the last clone of the database.
+    /// Closes the read pool and stops the writer thread after the writes already queued; later
+    /// writes fail with a transient error. The sqlx write connection closes with the last clone
+    /// of the database.
     pub async fn close(&self) {
+        self.shared.thread.close().await;
         self.pool.close().await;
     }
 }
 
-/// The write connection, held until dropped. Derefs to the connection, so it is an executor:
-/// `sqlx::query(...).execute(&mut *connection)`.
+/// The sqlx write connection, held until dropped. Derefs to the connection, so it is an
+/// executor: `sqlx::query(...).execute(&mut *connection)`.
 #[derive(Debug)]
-pub enum WriteConnection {
-    /// A file database's write connection.
-    Dedicated(OwnedMutexGuard<WriteSlot>),
-    /// An in-memory database's only connection.
-    Pooled(PoolConnection<Sqlite>),
-}
+pub struct WriteConnection(OwnedMutexGuard<WriteSlot>);
 
 impl WriteConnection {
-    fn set_in_transaction(&mut self, open: bool) {
-        if let Self::Dedicated(slot) = self {
-            slot.in_transaction = open;
-        }
-    }
-
-    /// Ends a transaction a cancelled or failed writer may have left open. The pooled (in-memory)
-    /// connection keeps no mark, so it is always rolled back, its error ("no transaction is
-    /// active") ignored: one extra statement per write, in tests only.
+    /// Ends a transaction a cancelled or failed writer may have left open.
     async fn make_clean(&mut self) -> Result<(), sqlx::Error> {
-        match self {
-            Self::Dedicated(slot) if slot.in_transaction => slot.make_clean().await,
-            Self::Dedicated(_) => Ok(()),
-            Self::Pooled(connection) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut **connection).await;
-                Ok(())
-            }
-        }
+        self.0.make_clean().await
     }
 }
 
@@ -376,24 +507,18 @@ impl Deref for WriteConnection {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        match self {
-            Self::Dedicated(slot) => &slot.connection,
-            Self::Pooled(connection) => connection,
-        }
+        &self.0.connection
     }
 }
 
 impl DerefMut for WriteConnection {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        match self {
-            Self::Dedicated(slot) => &mut slot.connection,
-            Self::Pooled(connection) => connection,
-        }
+        &mut self.0.connection
     }
 }
 
-/// A write transaction on the write connection (`BEGIN IMMEDIATE` … `COMMIT`). Derefs to the
-/// connection: `sqlx::query(...).execute(&mut *tx)`.
+/// A write transaction on the sqlx write connection (`BEGIN IMMEDIATE` … `COMMIT`); new code
+/// writes with [`Database::write`]. Derefs to the connection: `sqlx::query(...).execute(&mut *tx)`.
 #[derive(Debug)]
 pub struct WriteTransaction {
     /// `None` once committed.
@@ -409,7 +534,7 @@ impl WriteTransaction {
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         if let Some(connection) = self.connection.as_mut() {
             sqlx::query("COMMIT").execute(&mut **connection).await?;
-            connection.set_in_transaction(false);
+            connection.0.in_transaction = false;
         }
         self.connection = None;
         Ok(())
@@ -770,5 +895,380 @@ mod tests {
         assert_eq!(settings.url, "sqlite://data/order.db");
         let bad = Env::from_pairs([("SQLITE_SYNCHRONOUS", "sometimes")]);
         assert!(DbSettings::from_env(&bad, "order").is_err());
+    }
+
+    // The writer thread (`Database::write`).
+
+    fn add_note(tx: &rusqlite::Transaction<'_>, body: &str) -> rusqlite::Result<()> {
+        tx.prepare_cached("INSERT INTO notes (body) VALUES (?)")?
+            .execute([body])?;
+        Ok(())
+    }
+
+    /// A file database of its own (removed by the caller with the returned directory).
+    async fn file_database(durability: Durability) -> (std::path::PathBuf, Database) {
+        let (dir, url) = temp_url();
+        let settings = DbSettings { url, durability };
+        (
+            dir,
+            connect_with(&settings, MIGRATIONS).await.expect("opens"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_write_that_returns_ok_is_committed_and_its_value_returned() {
+        let (dir, database) = file_database(Durability::Normal).await;
+
+        let id = database
+            .write(|tx| {
+                add_note(tx, "first")?;
+                add_note(tx, "second")?;
+                Ok::<_, rusqlite::Error>(tx.last_insert_rowid())
+            })
+            .await
+            .expect("commits");
+
+        assert_eq!(id, 2);
+        assert!(has_note(&database, "first").await);
+        assert!(has_note(&database, "second").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_returns_err_is_rolled_back_and_its_error_returned() {
+        let (dir, database) = file_database(Durability::Normal).await;
+
+        let outcome = database
+            .write(|tx| {
+                add_note(tx, "rolled back")?;
+                Err::<(), DatabaseError>(DatabaseError::new("the order is short", false))
+            })
+            .await;
+
+        match outcome {
+            Err(WriteError::Aborted(error)) => assert_eq!(error.to_string(), "the order is short"),
+            other => panic!("expected the closure's error, got {other:?}"),
+        }
+        assert!(!has_note(&database, "rolled back").await);
+        assert_eq!(count(&database).await, 0);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_is_rolled_back_with_an_error_and_the_next_write_works() {
+        let (dir, database) = file_database(Durability::Normal).await;
+
+        let outcome = database
+            .write(|tx| -> rusqlite::Result<()> {
+                add_note(tx, "half done")?;
+                panic!("a bug in the closure");
+            })
+            .await;
+        database
+            .write(|tx| add_note(tx, "after the panic"))
+            .await
+            .expect("the writer thread lives on");
+
+        let error = DatabaseError::from(outcome.expect_err("a panic is an error"));
+        assert!(!error.is_transient(), "the same closure would panic again");
+        assert!(
+            error.to_string().contains("a bug in the closure"),
+            "{error}"
+        );
+        assert!(!has_note(&database, "half done").await);
+        assert!(has_note(&database, "after the panic").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_is_dropped_mid_transaction_commits_whole_and_the_next_write_works()
+     {
+        let (dir, database) = file_database(Durability::Normal).await;
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let writer = database.clone();
+        let caller = tokio::spawn(async move {
+            writer
+                .write(move |tx| {
+                    add_note(tx, "one")?;
+                    let _ = started.send(());
+                    // The caller is dropped here, in the middle of the transaction.
+                    let _ = wait_for_go.recv();
+                    for body in ["two", "three", "four", "five"] {
+                        add_note(tx, body)?;
+                    }
+                    Ok::<_, rusqlite::Error>(())
+                })
+                .await
+        });
+        has_started.await.expect("the transaction starts");
+
+        caller.abort();
+        assert!(caller.await.expect_err("aborted").is_cancelled());
+        go.send(()).expect("the closure waits");
+        database
+            .write(|tx| add_note(tx, "next"))
+            .await
+            .expect("the next write works");
+
+        // All of the abandoned transaction or none of it; once started it runs to COMMIT.
+        assert_eq!(count(&database).await, 6);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_is_dropped_before_it_starts_is_not_run() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let writer = database.clone();
+        let first = tokio::spawn(async move {
+            writer
+                .write(move |tx| {
+                    let _ = started.send(());
+                    let _ = wait_for_go.recv();
+                    add_note(tx, "first")
+                })
+                .await
+        });
+        has_started.await.expect("the first transaction starts");
+
+        // Queued behind the first, polled once and dropped, as a request whose deadline passes.
+        assert!(
+            database
+                .write(|tx| add_note(tx, "abandoned"))
+                .now_or_never()
+                .is_none()
+        );
+        go.send(()).expect("the first waits");
+        first.await.expect("joins").expect("commits");
+        database
+            .write(|tx| add_note(tx, "next"))
+            .await
+            .expect("the next write works");
+
+        assert!(has_note(&database, "first").await);
+        assert!(!has_note(&database, "abandoned").await);
+        assert!(has_note(&database, "next").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_from_many_tasks_are_serialised_and_all_applied() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        database
+            .write(|tx| tx.execute("INSERT INTO notes (id, body) VALUES (1, '0')", []))
+            .await
+            .expect("seeds");
+        // Each reads the counter and writes it back plus one: two transactions interleaving would
+        // lose increments.
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let database = database.clone();
+                tokio::spawn(async move {
+                    database
+                        .write(|tx| {
+                            let n: String =
+                                tx.query_row("SELECT body FROM notes WHERE id = 1", [], |row| {
+                                    row.get(0)
+                                })?;
+                            let next = n.parse::<i64>().unwrap_or(-1_000) + 1;
+                            tx.execute(
+                                "UPDATE notes SET body = ? WHERE id = 1",
+                                [next.to_string()],
+                            )?;
+                            add_note(tx, "one more")
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("joins").expect("commits");
+        }
+
+        let body: String = sqlx::query_scalar("SELECT body FROM notes WHERE id = 1")
+            .fetch_one(database.pool())
+            .await
+            .expect("reads");
+        assert_eq!(body, "64");
+        assert_eq!(count(&database).await, 65);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn readers_on_the_pool_see_committed_rows_while_the_writer_is_inside_a_transaction() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        database
+            .write(|tx| add_note(tx, "committed"))
+            .await
+            .expect("commits");
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
+        let writer = database.clone();
+        let open = tokio::spawn(async move {
+            writer
+                .write(move |tx| {
+                    add_note(tx, "pending")?;
+                    let _ = started.send(());
+                    let _ = wait_for_go.recv();
+                    Ok::<_, rusqlite::Error>(())
+                })
+                .await
+        });
+        has_started.await.expect("the transaction starts");
+
+        // The writer holds the write lock; in WAL mode a read neither waits nor sees its rows.
+        let (committed, pending) = tokio::time::timeout(Duration::from_secs(2), async {
+            (
+                has_note(&database, "committed").await,
+                has_note(&database, "pending").await,
+            )
+        })
+        .await
+        .expect("reads do not wait for the writer");
+        go.send(()).expect("the writer waits");
+        open.await.expect("joins").expect("commits");
+
+        assert!(committed);
+        assert!(!pending, "an uncommitted row is not visible");
+        assert!(has_note(&database, "pending").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn writer_pragma(database: &Database, name: &'static str) -> i64 {
+        database
+            .write(move |tx| tx.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0)))
+            .await
+            .expect("reads the pragma")
+    }
+
+    #[tokio::test]
+    async fn the_writer_connection_has_the_settings_of_the_pool_and_the_chosen_durability() {
+        for (durability, synchronous) in [(Durability::Normal, 1), (Durability::Full, 2)] {
+            let (dir, database) = file_database(durability).await;
+
+            assert_eq!(writer_pragma(&database, "synchronous").await, synchronous);
+            assert_eq!(writer_pragma(&database, "foreign_keys").await, 1);
+            assert_eq!(
+                writer_pragma(&database, "busy_timeout").await,
+                i64::try_from(BUSY_TIMEOUT.as_millis()).expect("fits")
+            );
+            let mode: String = database
+                .write(|tx| tx.query_row("PRAGMA journal_mode", [], |row| row.get(0)))
+                .await
+                .expect("reads");
+            assert_eq!(mode, "wal");
+            database.close().await;
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn foreign_keys_are_enforced_on_the_writer_thread() {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        let orphan = database
+            .write(|tx| tx.execute("INSERT INTO tags (note_id) VALUES (42)", []))
+            .await;
+        let error = DatabaseError::from(orphan.expect_err("an orphan row must be refused"));
+        assert!(!error.is_transient(), "a constraint violation is a bug");
+    }
+
+    #[tokio::test]
+    async fn a_write_lock_held_past_the_busy_timeout_is_a_transient_error_and_the_next_write_works()
+    {
+        let (dir, database) = file_database(Durability::Normal).await;
+        // The test's own short wait instead of BUSY_TIMEOUT, on this database's writer only.
+        database
+            .write(|tx| tx.busy_timeout(Duration::from_millis(100)))
+            .await
+            .expect("sets the busy timeout");
+        // The older write connection, a second writer on the same file, holds the write lock.
+        let mut held = database.begin_write().await.expect("begins");
+        sqlx::query("INSERT INTO notes (body) VALUES ('by sqlx')")
+            .execute(&mut *held)
+            .await
+            .expect("inserts");
+
+        let busy = database.write(|tx| add_note(tx, "refused")).await;
+        held.commit().await.expect("commits");
+        database
+            .write(|tx| add_note(tx, "after the lock"))
+            .await
+            .expect("the lock is free again");
+
+        let error = DatabaseError::from(busy.expect_err("the lock is held"));
+        assert!(error.is_transient(), "{error}");
+        assert!(!has_note(&database, "refused").await);
+        assert!(has_note(&database, "by sqlx").await);
+        assert!(has_note(&database, "after the lock").await);
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_closed_database_refuses_writes_with_a_transient_error() {
+        let (dir, database) = file_database(Durability::Normal).await;
+        database
+            .write(|tx| add_note(tx, "before"))
+            .await
+            .expect("commits");
+        database.close().await;
+
+        let refused = database.write(|tx| add_note(tx, "after")).await;
+
+        let error = DatabaseError::from(refused.expect_err("closed"));
+        assert!(error.is_transient(), "{error}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_a_private_file_deleted_with_the_last_clone() {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        let temporary = database
+            .shared
+            ._temporary
+            .as_ref()
+            .expect("a temporary file");
+        let paths = temporary.paths();
+        assert!(paths[0].starts_with(std::env::temp_dir()));
+        database
+            .write(|tx| add_note(tx, "in a file"))
+            .await
+            .expect("commits");
+        assert!(has_note(&database, "in a file").await);
+        assert!(paths[0].exists() && paths[1].exists(), "WAL mode");
+        let clone = database.clone();
+
+        drop(database);
+        assert!(paths[0].exists(), "a clone still uses it");
+        assert!(has_note(&clone, "in a file").await);
+        drop(clone);
+
+        for path in &paths {
+            assert!(!path.exists(), "{} is left behind", path.display());
+        }
+    }
+
+    #[test]
+    fn sqlites_busy_and_locked_are_transient_and_other_failures_are_not() {
+        let failure = |code: i32| {
+            DatabaseError::from(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY).is_transient());
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY_SNAPSHOT).is_transient());
+        assert!(failure(rusqlite::ffi::SQLITE_LOCKED).is_transient());
+        assert!(!failure(rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE).is_transient());
+        assert!(!DatabaseError::from(rusqlite::Error::QueryReturnedNoRows).is_transient());
     }
 }

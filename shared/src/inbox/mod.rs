@@ -4,9 +4,12 @@
 //! applying the effect in one transaction makes the pair atomic: either both happened (and a
 //! redelivery is skipped) or neither did (and the redelivery does the work).
 //!
-//! This module is the SQLite inbox; [`postgres`] is the same on PostgreSQL.
+//! This module is the SQLite inbox for sqlx write transactions ([`crate::db::Database::begin_write`]);
+//! [`sqlite`] is the same inside a [`crate::db::Database::write`] transaction, and [`postgres`] on
+//! PostgreSQL.
 
 pub mod postgres;
+pub mod sqlite;
 
 use sqlx::SqliteConnection;
 use uuid::Uuid;
@@ -20,24 +23,33 @@ CREATE TABLE IF NOT EXISTS inbox (
 );
 ";
 
+/// The statement that records a message ID, one for both SQLite drivers so they cannot drift:
+/// one row inserted when the ID is new, none when it was already recorded.
+const RECORD: &str =
+    "INSERT INTO inbox (message_id) VALUES (?) ON CONFLICT (message_id) DO NOTHING";
+
 /// Records `message_id` as handled inside the caller's transaction; `false` if it already was
 /// (then the caller must skip the effect and commit nothing else).
 ///
 /// # Errors
 /// Database failure.
 pub async fn record(tx: &mut SqliteConnection, message_id: Uuid) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO inbox (message_id) VALUES (?) ON CONFLICT (message_id) DO NOTHING",
-    )
-    .bind(message_id.to_string())
-    .execute(tx)
-    .await?;
-    let first = inserted.rows_affected() == 1;
+    let inserted = sqlx::query(RECORD)
+        .bind(message_id.to_string())
+        .execute(tx)
+        .await?;
+    Ok(recorded(inserted.rows_affected()))
+}
+
+/// Whether `inserted` rows of [`RECORD`] mean a message seen for the first time; counts a
+/// duplicate.
+fn recorded(inserted: u64) -> bool {
+    let first = inserted == 1;
     if !first {
         // Counted as `duplicate` in `messaging_deliveries_total` by the consumer running this.
         crate::messaging::metrics::mark_duplicate();
     }
-    Ok(first)
+    first
 }
 
 #[cfg(test)]

@@ -237,7 +237,7 @@ tokio::task_local! {
 
 /// Runs a handler's `work`, reporting how many of its deliveries (one, or a batch's) the inbox
 /// recognised as duplicates.
-pub(super) async fn watching_duplicates<T>(work: impl Future<Output = T>) -> (T, usize) {
+pub(crate) async fn watching_duplicates<T>(work: impl Future<Output = T>) -> (T, usize) {
     DUPLICATES
         .scope(std::cell::Cell::new(0), async {
             let result = work.await;
@@ -246,8 +246,24 @@ pub(super) async fn watching_duplicates<T>(work: impl Future<Output = T>) -> (T,
         .await
 }
 
-/// Counts a delivery being handled as a duplicate (called by [`crate::inbox::record`]); does
-/// nothing outside a consumer's handler.
+/// Counts a delivery being handled as a duplicate (called by [`crate::inbox::record`] and
+/// [`crate::inbox::sqlite::record`]); does nothing outside a consumer's handler or
+/// [`counting_duplicates`].
 pub(crate) fn mark_duplicate() {
-    let _ = DUPLICATES.try_with(|duplicates| duplicates.set(duplicates.get() + 1));
+    mark_duplicates(1);
+}
+
+/// Counts `n` deliveries being handled as duplicates, as [`mark_duplicate`].
+pub(crate) fn mark_duplicates(n: usize) {
+    let _ = DUPLICATES.try_with(|duplicates| duplicates.set(duplicates.get() + n));
+}
+
+/// Runs `work` (synchronous code on a thread that is not the handler's, such as the database's
+/// writer thread) and returns with its result the duplicates it marked, for the handler's task to
+/// add with [`mark_duplicates`].
+pub(crate) fn counting_duplicates<T>(work: impl FnOnce() -> T) -> (T, usize) {
+    DUPLICATES.sync_scope(std::cell::Cell::new(0), || {
+        let result = work();
+        (result, DUPLICATES.with(std::cell::Cell::get))
+    })
 }

@@ -9,7 +9,8 @@
 //! Sent rows are kept for an hour (so an operator can see what went out, and when) and then
 //! pruned, which keeps the table small.
 //!
-//! Writing a row ([`enqueue`]) happens inside the service's own transaction; the relay reaches
+//! Writing a row ([`sqlite::enqueue`] in a [`Database::write`] transaction, [`enqueue`] in a sqlx
+//! one) happens inside the service's own transaction; the relay reaches
 //! the table only through [`OutboxStorage`], so another database backend adds an implementation
 //! beside [`SqliteOutbox`] and keeps the relay: [`postgres`] holds the outbox on PostgreSQL and
 //! [`postgres::PgOutbox`], whose leader guard lets several replicas share one outbox.
@@ -36,6 +37,7 @@ use crate::messaging::{OutgoingMessage, Publisher};
 use crate::trace_context;
 
 pub mod postgres;
+pub mod sqlite;
 
 /// The SQL that creates the outbox table; include it in the service's migrations.
 pub const MIGRATION: &str = "\
@@ -83,7 +85,52 @@ const KEEP_SENT: Duration = Duration::from_secs(3600);
 /// How often sent rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Writes `event` to the outbox inside the caller's transaction.
+/// The statement that writes an outbox row, one for both SQLite drivers so they cannot drift;
+/// its parameters are [`Columns`]' fields in order.
+const ENQUEUE: &str = "INSERT INTO outbox \
+     (message_id, event_type, version, correlation_id, data, traceparent, tracestate) \
+     VALUES (?, ?, ?, ?, ?, ?, ?)";
+
+/// Marks the rows whose ids are in the JSON array parameter sent, all in one statement.
+const MARK_SENT: &str = "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+     WHERE id IN (SELECT value FROM json_each(?))";
+
+/// Deletes rows sent before the parameter's offset from now (`-3600 seconds`).
+const PRUNE_SENT: &str = "DELETE FROM outbox WHERE sent_at IS NOT NULL \
+     AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)";
+
+/// An outbox row's columns as [`ENQUEUE`] binds them.
+struct Columns<'a> {
+    message_id: String,
+    event_type: &'a str,
+    version: i64,
+    correlation_id: Option<&'a str>,
+    data: &'a str,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+impl<'a> Columns<'a> {
+    /// The row of `message`, its trace context as text.
+    fn of(message: &'a OutgoingMessage) -> Result<Self, std::str::Utf8Error> {
+        let (traceparent, tracestate) = message
+            .trace
+            .as_ref()
+            .map_or((None, None), trace_context::to_text);
+        Ok(Self {
+            message_id: message.message_id.to_string(),
+            event_type: &message.event_type,
+            version: i64::from(message.version),
+            correlation_id: message.correlation_id.as_deref(),
+            data: std::str::from_utf8(&message.data)?,
+            traceparent,
+            tracestate,
+        })
+    }
+}
+
+/// Writes `event` to the outbox inside the caller's sqlx transaction
+/// ([`Database::begin_write`]); [`sqlite::enqueue`] does the same inside [`Database::write`].
 ///
 /// # Errors
 /// Database or serialisation failure.
@@ -92,7 +139,7 @@ pub async fn enqueue<E: Event>(tx: &mut SqliteConnection, event: &E) -> Result<(
     enqueue_message(tx, &message).await
 }
 
-/// Writes an already built `message` to the outbox inside the caller's transaction.
+/// Writes an already built `message` to the outbox inside the caller's sqlx transaction.
 ///
 /// # Errors
 /// Database failure.
@@ -100,25 +147,17 @@ pub async fn enqueue_message(
     tx: &mut SqliteConnection,
     message: &OutgoingMessage,
 ) -> Result<(), sqlx::Error> {
-    let data = std::str::from_utf8(&message.data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let (traceparent, tracestate) = message
-        .trace
-        .as_ref()
-        .map_or((None, None), trace_context::to_text);
-    sqlx::query(
-        "INSERT INTO outbox \
-         (message_id, event_type, version, correlation_id, data, traceparent, tracestate) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(message.message_id.to_string())
-    .bind(&message.event_type)
-    .bind(i64::from(message.version))
-    .bind(message.correlation_id.as_deref())
-    .bind(data)
-    .bind(traceparent)
-    .bind(tracestate)
-    .execute(tx)
-    .await?;
+    let row = Columns::of(message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    sqlx::query(ENQUEUE)
+        .bind(row.message_id)
+        .bind(row.event_type)
+        .bind(row.version)
+        .bind(row.correlation_id)
+        .bind(row.data)
+        .bind(row.traceparent)
+        .bind(row.tracestate)
+        .execute(tx)
+        .await?;
     Ok(())
 }
 
@@ -181,8 +220,8 @@ pub trait OutboxStorage: std::fmt::Debug + Send + Sync + 'static {
     fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>>;
 }
 
-/// [`OutboxStorage`] on a SQLite [`Database`]: reads from its pool, writes on its write
-/// connection.
+/// [`OutboxStorage`] on a SQLite [`Database`]: reads from its pool, writes with
+/// [`Database::write`].
 #[derive(Debug, Clone)]
 pub struct SqliteOutbox {
     db: Database,
@@ -236,13 +275,9 @@ impl OutboxStorage for SqliteOutbox {
     fn mark_sent<'a>(&'a self, ids: &'a [i64]) -> BoxFuture<'a, Result<(), DatabaseError>> {
         Box::pin(async move {
             let ids = serde_json::to_string(ids).map_err(undecodable)?;
-            sqlx::query(
-                "UPDATE outbox SET sent_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-                 WHERE id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(ids)
-            .execute(&mut *self.db.writer().await?)
-            .await?;
+            self.db
+                .write(move |tx| tx.prepare_cached(MARK_SENT)?.execute([ids]))
+                .await?;
             Ok(())
         })
     }
@@ -265,13 +300,10 @@ impl OutboxStorage for SqliteOutbox {
 
     fn prune_sent(&self, keep: Duration) -> BoxFuture<'_, Result<(), DatabaseError>> {
         Box::pin(async move {
-            sqlx::query(
-                "DELETE FROM outbox WHERE sent_at IS NOT NULL \
-                 AND sent_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)",
-            )
-            .bind(format!("-{} seconds", keep.as_secs()))
-            .execute(&mut *self.db.writer().await?)
-            .await?;
+            let offset = format!("-{} seconds", keep.as_secs());
+            self.db
+                .write(move |tx| tx.prepare_cached(PRUNE_SENT)?.execute([offset]))
+                .await?;
             Ok(())
         })
     }
