@@ -73,6 +73,7 @@ mod tests {
             sku: sku.to_owned(),
             price: Money(1250),
             currency: "EUR".to_owned(),
+            version: 1,
         }
     }
 
