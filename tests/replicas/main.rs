@@ -267,7 +267,15 @@ async fn scenario() {
         *counts.entry(status).or_default() += 1;
     }
     println!("last {SCARCE_UNITS} units, {SCARCE_ORDERS} orders: {counts:?}");
-    let stock = get_json(&http, &format!("{}/stock/{SCARCE_SKU}", inventory[0])).await;
+    // Inventory commits each placed order's reservation when its `order.placed` arrives.
+    let deadline = Instant::now() + SETTLE_WITHIN;
+    let stock = loop {
+        let stock = get_json(&http, &format!("{}/stock/{SCARCE_SKU}", inventory[0])).await;
+        if stock["reserved"].as_i64() == Some(0) || Instant::now() > deadline {
+            break stock;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert_eq!(
         counts.get("201").copied().unwrap_or(0),
         usize::try_from(SCARCE_UNITS).expect("fits"),
