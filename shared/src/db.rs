@@ -161,6 +161,43 @@ impl<E: Into<DatabaseError>> From<WriteError<E>> for DatabaseError {
     }
 }
 
+/// A column value both SQLite drivers decode: `String`, `i64`, `u32`, `bool`, `f64` and their
+/// `Option`s (every type that implements sqlx's and rusqlite's decoding both).
+pub trait ColumnValue:
+    for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + rusqlite::types::FromSql
+{
+}
+
+impl<T> ColumnValue for T where
+    T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + rusqlite::types::FromSql
+{
+}
+
+/// A SQLite row read by column name, whichever driver read it: sqlx's on the read pool, rusqlite's
+/// inside a [`Database::write`] transaction (a `RETURNING` clause, a read before a write). A
+/// store decodes each of its row types in one function over `&impl Columns`, so its reads and
+/// its write transactions cannot come to disagree about a row's format.
+pub trait Columns {
+    /// The value of the column `name`.
+    ///
+    /// # Errors
+    /// No such column, or a stored value of another type (a [`DatabaseError`] that is not
+    /// transient: the row is corrupt or the query wrong).
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, DatabaseError>;
+}
+
+impl Columns for sqlx::sqlite::SqliteRow {
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, DatabaseError> {
+        Ok(sqlx::Row::try_get(self, name)?)
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn column<T: ColumnValue>(&self, name: &str) -> Result<T, DatabaseError> {
+        Ok(self.get(name)?)
+    }
+}
+
 /// Whether a PostgreSQL error code (SQLSTATE) means "busy or briefly away" rather than "this
 /// statement is wrong": a statement cancelled by `statement_timeout` (`57014`, a lock held too
 /// long), a lock not available (`55P03`), a serialization failure or deadlock (`40001`, `40P01`,
