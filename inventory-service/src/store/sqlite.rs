@@ -64,9 +64,9 @@ const STOCK_BY_SKU: &str = "SELECT sku, on_hand, reserved FROM stock WHERE sku =
 
 fn stock_from_row(row: &impl Columns) -> Result<Stock, DatabaseError> {
     Ok(Stock::new(
-        row.column::<String>("sku")?,
-        row.column("on_hand")?,
-        row.column("reserved")?,
+        row.value::<String>("sku")?,
+        row.value("on_hand")?,
+        row.value("reserved")?,
     ))
 }
 
@@ -74,27 +74,26 @@ const RESERVATION_COLUMNS: &str =
     "id, sku, qty, order_id, status, remaining_after, expires_at_ms FROM reservations";
 
 fn reservation_from_row(row: &impl Columns) -> Result<Reservation, DatabaseError> {
-    let status: String = row.column("status")?;
-    let qty: i64 = row.column("qty")?;
-    let order_id: Option<String> = row.column("order_id")?;
+    let status: String = row.value("status")?;
+    let qty: i64 = row.value("qty")?;
+    let order_id: Option<String> = row.value("order_id")?;
     Ok(Reservation {
-        id: parse_uuid(&row.column::<String>("id")?)?,
-        sku: row.column("sku")?,
+        id: parse_uuid(&row.value::<String>("id")?)?,
+        sku: row.value("sku")?,
         qty: u32::try_from(qty).map_err(|_| corrupt(format!("stored qty {qty}")))?,
         order_id: order_id.as_deref().map(parse_uuid).transpose()?,
         status: ReservationStatus::parse(&status)
             .ok_or_else(|| corrupt(format!("stored status {status:?}")))?,
-        remaining_after: row.column("remaining_after")?,
-        expires_at: from_millis(row.column("expires_at_ms")?),
+        remaining_after: row.value("remaining_after")?,
+        expires_at: from_millis(row.value("expires_at_ms")?),
     })
 }
 
 fn find_reservation(tx: &Transaction<'_>, id: Uuid) -> Result<Option<Reservation>, DatabaseError> {
-    Ok(tx
-        .prepare_cached(&format!("SELECT {RESERVATION_COLUMNS} WHERE id = ?"))?
+    tx.prepare_cached(&format!("SELECT {RESERVATION_COLUMNS} WHERE id = ?"))?
         .query_row([id.to_string()], |row| Ok(reservation_from_row(row)))
         .optional()?
-        .transpose()?)
+        .transpose()
 }
 
 fn set_status(

@@ -299,26 +299,26 @@ fn load_order_in(tx: &Transaction<'_>, id: Uuid) -> Result<Option<Order>, StoreE
 }
 
 fn order_from_row(row: &impl Columns, lines: Vec<OrderLine>) -> Result<Order, StoreError> {
-    let status: String = row.column("status")?;
-    let created_at: String = row.column("created_at")?;
+    let status: String = row.value("status")?;
+    let created_at: String = row.value("created_at")?;
     Ok(Order {
         id: parse_uuid(row, "id")?,
         status: OrderStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("order status {status:?}")))?,
         lines,
-        total: Money(row.column("total_cents")?),
-        currency: row.column("currency")?,
+        total: Money(row.value("total_cents")?),
+        currency: row.value("currency")?,
         created_at: OffsetDateTime::parse(&created_at, &Rfc3339)
             .map_err(|e| StoreError::Corrupt(format!("created_at {created_at:?}: {e}")))?,
     })
 }
 
 fn line_from_row(row: &impl Columns) -> Result<OrderLine, StoreError> {
-    let source: String = row.column("price_source")?;
+    let source: String = row.value("price_source")?;
     Ok(OrderLine {
-        sku: row.column("sku")?,
-        qty: row.column("qty")?,
-        unit_price: Money(row.column("unit_price_cents")?),
+        sku: row.value("sku")?,
+        qty: row.value("qty")?,
+        unit_price: Money(row.value("unit_price_cents")?),
         price_source: PriceSource::parse(&source)
             .ok_or_else(|| StoreError::Corrupt(format!("price source {source:?}")))?,
         reservation_id: parse_uuid(row, "reservation_id")?,
@@ -326,7 +326,7 @@ fn line_from_row(row: &impl Columns) -> Result<OrderLine, StoreError> {
 }
 
 fn parse_uuid(row: &impl Columns, column: &str) -> Result<Uuid, StoreError> {
-    parse_id(column, &row.column::<String>(column)?)
+    parse_id(column, &row.value::<String>(column)?)
 }
 
 fn parse_id(column: &str, raw: &str) -> Result<Uuid, StoreError> {

@@ -40,12 +40,12 @@ const PRICE_COLUMNS: &str = "sku, name, price_cents, currency, units_sold, versi
 
 fn price_from_row(row: &impl Columns) -> Result<Price, DatabaseError> {
     Ok(Price {
-        sku: row.column("sku")?,
-        name: row.column("name")?,
-        price: Money(row.column("price_cents")?),
-        currency: row.column("currency")?,
-        units_sold: row.column("units_sold")?,
-        version: stored_version(row.column("version")?)?,
+        sku: row.value("sku")?,
+        name: row.value("name")?,
+        price: Money(row.value("price_cents")?),
+        currency: row.value("currency")?,
+        units_sold: row.value("units_sold")?,
+        version: stored_version(row.value("version")?)?,
     })
 }
 
