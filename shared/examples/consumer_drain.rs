@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use shared::db::{self, Database, WriteTransaction};
+use shared::db::{self, Database, DatabaseError};
 use shared::events::PriceChanged;
 use shared::messaging::{
     Broker, ConsumerSpec, Handler, HandlerError, HandlerFuture, IncomingMessage, MessagingSettings,
@@ -43,24 +43,25 @@ struct Ledger {
 }
 
 impl Ledger {
-    async fn apply(
-        &self,
-        tx: &mut WriteTransaction,
-        message: &IncomingMessage,
-    ) -> Result<(), HandlerError> {
-        let event: PriceChanged = message.decode()?;
-        if shared::inbox::record(tx, message.message_id)
+    /// Applies `messages` in one transaction on the writer thread: an inbox row and an effect
+    /// row each (none for a message the inbox already had).
+    async fn apply(&self, messages: &[IncomingMessage]) -> Result<(), HandlerError> {
+        let effects = messages
+            .iter()
+            .map(|message| Ok((message.message_id, message.decode::<PriceChanged>()?.sku)))
+            .collect::<Result<Vec<_>, HandlerError>>()?;
+        self.db
+            .write(move |tx| {
+                for (message_id, sku) in &effects {
+                    if shared::inbox::sqlite::record(tx, *message_id)? {
+                        tx.prepare_cached("INSERT INTO effects (message_id, sku) VALUES (?, ?)")?
+                            .execute([message_id.to_string(), sku.clone()])?;
+                    }
+                }
+                Ok::<_, rusqlite::Error>(())
+            })
             .await
-            .map_err(transient)?
-        {
-            sqlx::query("INSERT INTO effects (message_id, sku) VALUES (?, ?)")
-                .bind(message.message_id.to_string())
-                .bind(&event.sku)
-                .execute(&mut **tx)
-                .await
-                .map_err(transient)?;
-        }
-        Ok(())
+            .map_err(|error| HandlerError::Transient(DatabaseError::from(error).to_string()))
     }
 
     async fn held(&self) {
@@ -68,17 +69,11 @@ impl Ledger {
     }
 }
 
-fn transient(error: sqlx::Error) -> HandlerError {
-    HandlerError::Transient(error.to_string())
-}
-
 impl Handler for Ledger {
     fn handle(&self, message: IncomingMessage) -> HandlerFuture<'_> {
         Box::pin(async move {
             self.held().await;
-            let mut tx = self.db.begin_write().await.map_err(transient)?;
-            self.apply(&mut tx, &message).await?;
-            tx.commit().await.map_err(transient)?;
+            self.apply(std::slice::from_ref(&message)).await?;
             self.handled.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
@@ -90,11 +85,7 @@ impl Handler for Ledger {
         }
         Some(Box::pin(async move {
             self.held().await;
-            let mut tx = self.db.begin_write().await.map_err(transient)?;
-            for message in messages {
-                self.apply(&mut tx, message).await?;
-            }
-            tx.commit().await.map_err(transient)?;
+            self.apply(messages).await?;
             self.handled.fetch_add(messages.len(), Ordering::SeqCst);
             Ok(())
         }))

@@ -1,5 +1,6 @@
-//! Measures what a SQLite write transaction costs through sqlx statement by statement
-//! ([`Database::begin_write`]) and as one closure on the writer thread ([`Database::write`])
+//! Measures what a SQLite write transaction costs through sqlx statement by statement (the write
+//! path the services had before, rebuilt here on a connection of the example's own) and as one
+//! closure on the writer thread ([`Database::write`])
 //! (`docs/decisions/0410-sqlite-writer-thread.md`).
 //!
 //! ```sh
@@ -20,7 +21,11 @@ use std::time::{Duration, Instant};
 
 use shared::db::{self, Database};
 use shared::events::{EventLine, OrderPlaced};
+use shared::messaging::OutgoingMessage;
 use shared::money::Money;
+use sqlx::ConnectOptions as _;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -46,6 +51,11 @@ const INSERT_ORDER: &str = "INSERT INTO orders (id, status, total_cents, currenc
 const INSERT_LINE: &str = "INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price_cents) \
      VALUES (?1, ?2, ?3, ?4, ?5)";
 
+/// The outbox row as `shared::outbox::sqlite::enqueue` writes it.
+const INSERT_OUTBOX: &str = "INSERT INTO outbox \
+     (message_id, event_type, version, correlation_id, data, traceparent, tracestate) \
+     VALUES (?, ?, ?, ?, ?, ?, ?)";
+
 /// The lines of every order: three, as a typical basket.
 const SKUS: [&str; 3] = ["BK-12", "MG-07", "HD-44"];
 const UNIT_PRICE: i64 = 1250;
@@ -70,7 +80,8 @@ fn order(id: Uuid) -> OrderPlaced {
 /// Which write path a run takes.
 #[derive(Debug, Clone, Copy)]
 enum Path {
-    /// `begin_write`, one sqlx statement after another, `commit`.
+    /// `BEGIN IMMEDIATE`, one sqlx statement after another, `COMMIT`, on one sqlx connection
+    /// taken in turn ([`SqlxWriter`]).
     Sqlx,
     /// One closure on the writer thread.
     Writer,
@@ -79,9 +90,30 @@ enum Path {
     Direct,
 }
 
-async fn store_with_sqlx(db: &Database, placed: &OrderPlaced) -> anyhow::Result<()> {
+/// The write path the writer thread replaced: one sqlx connection with the pool's settings, held
+/// by one writer at a time, every statement a round trip to sqlx's worker thread.
+struct SqlxWriter(Mutex<SqliteConnection>);
+
+impl SqlxWriter {
+    async fn open(file: &std::path::Path) -> anyhow::Result<Self> {
+        let connection = SqliteConnectOptions::new()
+            .filename(file)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(db::BUSY_TIMEOUT)
+            .foreign_keys(true)
+            .connect()
+            .await?;
+        Ok(Self(Mutex::new(connection)))
+    }
+}
+
+async fn store_with_sqlx(writer: &SqlxWriter, placed: &OrderPlaced) -> anyhow::Result<()> {
     let id = placed.order_id.to_string();
-    let mut tx = db.begin_write().await?;
+    let mut connection = writer.0.lock().await;
+    let tx = &mut *connection;
+    // A failed statement ends the whole run, so no ROLLBACK path is needed here.
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *tx).await?;
     sqlx::query(INSERT_ORDER)
         .bind(&id)
         .bind(placed.total.cents())
@@ -97,8 +129,22 @@ async fn store_with_sqlx(db: &Database, placed: &OrderPlaced) -> anyhow::Result<
             .execute(&mut *tx)
             .await?;
     }
-    shared::outbox::enqueue(&mut tx, placed).await?;
-    tx.commit().await?;
+    let message = OutgoingMessage::new(placed)?;
+    let (traceparent, tracestate) = message
+        .trace
+        .as_ref()
+        .map_or((None, None), shared::trace_context::to_text);
+    sqlx::query(INSERT_OUTBOX)
+        .bind(message.message_id.to_string())
+        .bind(&message.event_type)
+        .bind(i64::from(message.version))
+        .bind(message.correlation_id.as_deref())
+        .bind(std::str::from_utf8(&message.data)?)
+        .bind(traceparent)
+        .bind(tracestate)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("COMMIT").execute(&mut *tx).await?;
     Ok(())
 }
 
@@ -200,6 +246,10 @@ async fn run(
 ) -> anyhow::Result<()> {
     let file = dir.join(format!("{}.db", Uuid::new_v4()));
     let db = db::connect(&format!("sqlite://{}", file.display()), MIGRATIONS).await?;
+    let sqlx_writer = match path {
+        Path::Sqlx => Some(std::sync::Arc::new(SqlxWriter::open(&file).await?)),
+        Path::Writer | Path::Direct => None,
+    };
     let each = transactions / tasks;
     let switches = context_switches();
     let before = cpu_time();
@@ -210,12 +260,13 @@ async fn run(
         let workers: Vec<_> = (0..tasks)
             .map(|_| {
                 let db = db.clone();
+                let sqlx_writer = sqlx_writer.clone();
                 tokio::spawn(async move {
                     for _ in 0..each {
                         let placed = order(Uuid::new_v4());
-                        match path {
-                            Path::Sqlx => store_with_sqlx(&db, &placed).await?,
-                            Path::Writer | Path::Direct => store_on_writer(&db, placed).await?,
+                        match &sqlx_writer {
+                            Some(writer) => store_with_sqlx(writer, &placed).await?,
+                            None => store_on_writer(&db, placed).await?,
                         }
                     }
                     anyhow::Ok(())

@@ -103,6 +103,12 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
 /// A reservation to make.
 #[derive(Debug, Clone)]
 pub struct ReserveStock {

@@ -1,16 +1,20 @@
 //! [`InventoryStore`] on SQLite.
 //!
-//! Every operation that reads and then writes runs in one `BEGIN IMMEDIATE` transaction on the
-//! service's write connection ([`shared::db::Database::begin_write`]): it takes SQLite's write
-//! lock up front, so two requests can never both read "enough stock" and both reserve, and a
-//! reader never has to upgrade to a writer mid-transaction (the upgrade is what fails with
-//! `SQLITE_BUSY` at once, bypassing the busy timeout).
+//! Every operation that reads and then writes runs as one transaction on the database's writer
+//! thread ([`shared::db::Database::write`]): `BEGIN IMMEDIATE` takes SQLite's write lock up
+//! front, so two requests can never both read "enough stock" and both reserve, and a reader
+//! never has to upgrade to a writer mid-transaction (the upgrade is what fails with
+//! `SQLITE_BUSY` at once, bypassing the busy timeout). The whole transaction is one hand-off to
+//! the thread, however many statements it runs; reads that write nothing stay on the pool.
+//!
+//! Rows are decoded once for both drivers ([`Columns`]): ids as hyphenated TEXT, times as
+//! INTEGER milliseconds since the Unix epoch.
 
 use futures::future::BoxFuture;
-use shared::db::Database;
+use rusqlite::{OptionalExtension, Transaction, params};
+use shared::db::{Columns, Database, DatabaseError, WriteError};
 use shared::events::EventLine;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::SqlitePool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -47,125 +51,139 @@ fn from_millis(ms: i64) -> OffsetDateTime {
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-fn corrupt(what: String) -> sqlx::Error {
-    sqlx::Error::Decode(what.into())
+/// A stored value that does not decode: a bug or a hand edit, never worth a retry.
+fn corrupt(what: String) -> DatabaseError {
+    DatabaseError::new(what, false)
 }
 
-fn parse_uuid(raw: &str) -> Result<Uuid, sqlx::Error> {
+fn parse_uuid(raw: &str) -> Result<Uuid, DatabaseError> {
     Uuid::parse_str(raw).map_err(|e| corrupt(format!("stored id {raw:?}: {e}")))
 }
 
-fn stock_from_row(row: &SqliteRow) -> Result<Stock, sqlx::Error> {
+const STOCK_BY_SKU: &str = "SELECT sku, on_hand, reserved FROM stock WHERE sku = ?";
+
+fn stock_from_row(row: &impl Columns) -> Result<Stock, DatabaseError> {
     Ok(Stock::new(
-        row.try_get::<String, _>("sku")?,
-        row.try_get("on_hand")?,
-        row.try_get("reserved")?,
+        row.value::<String>("sku")?,
+        row.value("on_hand")?,
+        row.value("reserved")?,
     ))
 }
 
 const RESERVATION_COLUMNS: &str =
     "id, sku, qty, order_id, status, remaining_after, expires_at_ms FROM reservations";
 
-fn reservation_from_row(row: &SqliteRow) -> Result<Reservation, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let qty: i64 = row.try_get("qty")?;
-    let order_id: Option<String> = row.try_get("order_id")?;
+fn reservation_from_row(row: &impl Columns) -> Result<Reservation, DatabaseError> {
+    let status: String = row.value("status")?;
+    let qty: i64 = row.value("qty")?;
+    let order_id: Option<String> = row.value("order_id")?;
     Ok(Reservation {
-        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
-        sku: row.try_get("sku")?,
+        id: parse_uuid(&row.value::<String>("id")?)?,
+        sku: row.value("sku")?,
         qty: u32::try_from(qty).map_err(|_| corrupt(format!("stored qty {qty}")))?,
         order_id: order_id.as_deref().map(parse_uuid).transpose()?,
         status: ReservationStatus::parse(&status)
             .ok_or_else(|| corrupt(format!("stored status {status:?}")))?,
-        remaining_after: row.try_get("remaining_after")?,
-        expires_at: from_millis(row.try_get("expires_at_ms")?),
+        remaining_after: row.value("remaining_after")?,
+        expires_at: from_millis(row.value("expires_at_ms")?),
     })
 }
 
-async fn find_reservation(
-    conn: &mut SqliteConnection,
-    id: Uuid,
-) -> Result<Option<Reservation>, sqlx::Error> {
-    sqlx::query(&format!("SELECT {RESERVATION_COLUMNS} WHERE id = ?"))
-        .bind(id.to_string())
-        .fetch_optional(conn)
-        .await?
-        .as_ref()
-        .map(reservation_from_row)
+fn find_reservation(tx: &Transaction<'_>, id: Uuid) -> Result<Option<Reservation>, DatabaseError> {
+    tx.prepare_cached(&format!("SELECT {RESERVATION_COLUMNS} WHERE id = ?"))?
+        .query_row([id.to_string()], |row| Ok(reservation_from_row(row)))
+        .optional()?
         .transpose()
 }
 
-async fn set_status(
-    conn: &mut SqliteConnection,
+fn set_status(
+    tx: &Transaction<'_>,
     id: Uuid,
     status: ReservationStatus,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE reservations SET status = ? WHERE id = ?")
-        .bind(status.as_str())
-        .bind(id.to_string())
-        .execute(conn)
-        .await?;
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached("UPDATE reservations SET status = ? WHERE id = ?")?
+        .execute(params![status.as_str(), id.to_string()])?;
     Ok(())
 }
 
 /// Adds `reserved_delta` and `on_hand_delta` to a SKU's levels.
-async fn adjust_stock(
-    conn: &mut SqliteConnection,
+fn adjust_stock(
+    tx: &Transaction<'_>,
     sku: &str,
     on_hand_delta: i64,
     reserved_delta: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE stock SET on_hand = on_hand + ?, reserved = reserved + ? WHERE sku = ?")
-        .bind(on_hand_delta)
-        .bind(reserved_delta)
-        .bind(sku)
-        .execute(conn)
-        .await?;
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "UPDATE stock SET on_hand = on_hand + ?, reserved = reserved + ? WHERE sku = ?",
+    )?
+    .execute(params![on_hand_delta, reserved_delta, sku])?;
     Ok(())
 }
 
 /// Marks the reservation an event line names committed if it is still held and matches the
 /// line; `false` (nothing changed) otherwise.
-async fn commit_held(conn: &mut SqliteConnection, line: &EventLine) -> Result<bool, sqlx::Error> {
-    let changed = sqlx::query(
-        "UPDATE reservations SET status = 'committed' \
-         WHERE id = ? AND sku = ? AND qty = ? AND status = 'reserved'",
-    )
-    .bind(line.reservation_id.to_string())
-    .bind(&line.sku)
-    .bind(i64::from(line.qty))
-    .execute(conn)
-    .await?
-    .rows_affected();
+fn commit_held(tx: &Transaction<'_>, line: &EventLine) -> Result<bool, rusqlite::Error> {
+    let changed = tx
+        .prepare_cached(
+            "UPDATE reservations SET status = 'committed' \
+             WHERE id = ? AND sku = ? AND qty = ? AND status = 'reserved'",
+        )?
+        .execute(params![
+            line.reservation_id.to_string(),
+            line.sku,
+            i64::from(line.qty)
+        ])?;
     Ok(changed == 1)
 }
 
 /// Loads the reservation an event line names and checks that the line describes it.
-async fn reservation_for_line(
-    conn: &mut SqliteConnection,
-    line: &EventLine,
-) -> Result<Reservation, StoreError> {
-    let reservation = find_reservation(conn, line.reservation_id)
-        .await?
+fn reservation_for_line(tx: &Transaction<'_>, line: &EventLine) -> Result<Reservation, StoreError> {
+    let reservation = find_reservation(tx, line.reservation_id)?
         .ok_or(StoreError::UnknownReservation(line.reservation_id))?;
     check_line(&reservation, line)?;
     Ok(reservation)
 }
 
 /// Writes `transition` of `reservation`: its new status and its SKU's levels.
-async fn apply(
-    conn: &mut SqliteConnection,
+fn apply(
+    tx: &Transaction<'_>,
     reservation: &Reservation,
     transition: Transition,
-) -> Result<(), sqlx::Error> {
+) -> Result<(), rusqlite::Error> {
     adjust_stock(
-        &mut *conn,
+        tx,
         &reservation.sku,
         transition.on_hand,
         transition.reserved,
-    )
-    .await?;
-    set_status(conn, reservation.id, transition.to).await
+    )?;
+    set_status(tx, reservation.id, transition.to)
+}
+
+/// Why a reservation transaction made no new reservation. Either way it is rolled back, giving
+/// back the units its first statement may have taken; a replay is still an answer.
+enum NotReserved {
+    /// The idempotency key names an earlier reservation, the answer to this request.
+    Replayed(Reserved),
+    /// The request is refused, or the database failed.
+    Failed(StoreError),
+}
+
+impl From<StoreError> for NotReserved {
+    fn from(error: StoreError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+impl From<DatabaseError> for NotReserved {
+    fn from(error: DatabaseError) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+impl From<rusqlite::Error> for NotReserved {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Failed(error.into())
+    }
 }
 
 impl InventoryStore for SqliteInventoryStore {
@@ -187,7 +205,7 @@ impl InventoryStore for SqliteInventoryStore {
 
     fn get_stock<'a>(&'a self, sku: &'a str) -> BoxFuture<'a, Result<Option<Stock>, StoreError>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT sku, on_hand, reserved FROM stock WHERE sku = ?")
+            let row = sqlx::query(STOCK_BY_SKU)
                 .bind(sku)
                 .fetch_optional(self.db.pool())
                 .await?;
@@ -200,161 +218,98 @@ impl InventoryStore for SqliteInventoryStore {
         sku: &'a str,
         on_hand: i64,
     ) -> BoxFuture<'a, Result<Stock, StoreError>> {
+        let sku = sku.to_owned();
         Box::pin(async move {
             check_level(on_hand)?;
-            let mut tx = self.db.begin_write().await?;
-            let reserved: i64 = sqlx::query("SELECT reserved FROM stock WHERE sku = ?")
-                .bind(sku)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|row| row.try_get("reserved"))
-                .transpose()?
-                .unwrap_or(0);
-            if on_hand < reserved {
-                return Err(below_reserved(on_hand, reserved));
-            }
-            sqlx::query(
-                "INSERT INTO stock (sku, on_hand, reserved) VALUES (?, ?, 0) \
-                 ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand",
-            )
-            .bind(sku)
-            .bind(on_hand)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Stock::new(sku, on_hand, reserved))
+            self.db
+                .write(move |tx| {
+                    let reserved: i64 = tx
+                        .prepare_cached("SELECT reserved FROM stock WHERE sku = ?")?
+                        .query_row([&sku], |row| row.get("reserved"))
+                        .optional()?
+                        .unwrap_or(0);
+                    if on_hand < reserved {
+                        return Err(below_reserved(on_hand, reserved));
+                    }
+                    tx.prepare_cached(
+                        "INSERT INTO stock (sku, on_hand, reserved) VALUES (?, ?, 0) \
+                         ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand",
+                    )?
+                    .execute(params![sku, on_hand])?;
+                    Ok(Stock::new(sku, on_hand, reserved))
+                })
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 
     fn reserve(&self, request: ReserveStock) -> BoxFuture<'_, Result<Reserved, StoreError>> {
         Box::pin(async move {
-            let qty = request.qty.get();
             // One write transaction for the whole decision, so a concurrent request with the same
             // key waits for the lock and then finds this reservation. The common case costs two
             // statements: take the units if enough are available, then record the reservation.
-            // Every statement is a round trip to sqlx's SQLite worker thread, and this is the
-            // hottest write of the order path.
-            let mut tx = self.db.begin_write().await?;
-            let taken = sqlx::query(
-                "UPDATE stock SET reserved = reserved + ?1 \
-                 WHERE sku = ?2 AND on_hand - reserved >= ?1 \
-                 RETURNING on_hand - reserved AS remaining",
-            )
-            .bind(i64::from(qty))
-            .bind(&request.sku)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = taken {
-                let reservation = Reservation {
-                    id: Uuid::new_v4(),
-                    sku: request.sku.clone(),
-                    qty,
-                    order_id: request.order_id,
-                    status: ReservationStatus::Reserved,
-                    remaining_after: row.try_get("remaining")?,
-                    // Stored in milliseconds: answer what a replay will read back.
-                    expires_at: from_millis(millis(request.expires_at)),
-                };
-                // The UNIQUE key turns a replay into "nothing inserted" instead of a second
-                // reservation; it is answered below, and the units taken above are given back when
-                // the transaction is rolled back.
-                let inserted = sqlx::query(
-                    "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
-                     remaining_after, created_at_ms, expires_at_ms) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                     ON CONFLICT (idempotency_key) DO NOTHING",
-                )
-                .bind(reservation.id.to_string())
-                .bind(&reservation.sku)
-                .bind(i64::from(qty))
-                .bind(reservation.order_id.map(|id| id.to_string()))
-                .bind(request.idempotency_key.as_ref().map(IdempotencyKey::as_str))
-                .bind(reservation.status.as_str())
-                .bind(reservation.remaining_after)
-                .bind(millis(request.now))
-                .bind(millis(reservation.expires_at))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 1 {
-                    tx.commit().await?;
-                    return Ok(Reserved {
-                        reservation,
-                        replayed: false,
-                    });
+            // This is the hottest write of the order path.
+            let outcome = self.db.write(move |tx| reserve_in(tx, request)).await;
+            match outcome {
+                Ok(reserved) | Err(WriteError::Aborted(NotReserved::Replayed(reserved))) => {
+                    Ok(reserved)
                 }
+                Err(WriteError::Aborted(NotReserved::Failed(error))) => Err(error),
+                Err(WriteError::Database(error)) => Err(error.into()),
             }
-            // Nothing new is reserved: a replay of an earlier key, an unknown SKU or short stock.
-            // Still inside the transaction (whose UPDATE, if any, is rolled back when it drops),
-            // so the answer describes the same state the UPDATE saw.
-            if let Some(key) = &request.idempotency_key {
-                let earlier = sqlx::query(&format!(
-                    "SELECT {RESERVATION_COLUMNS} WHERE idempotency_key = ?"
-                ))
-                .bind(key.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(row) = earlier {
-                    return replay(reservation_from_row(&row)?, &request);
-                }
-            }
-            let stock = sqlx::query("SELECT sku, on_hand, reserved FROM stock WHERE sku = ?")
-                .bind(&request.sku)
-                .fetch_optional(&mut *tx)
-                .await?
-                .as_ref()
-                .map(stock_from_row)
-                .transpose()?;
-            Err(refusal(request, stock))
         })
     }
 
     fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.db.begin_write().await?;
-            let reservation = find_reservation(&mut tx, id)
-                .await?
-                .ok_or(StoreError::UnknownReservation(id))?;
-            match reservation.status {
-                ReservationStatus::Committed => Err(StoreError::Committed(id)),
-                // Already given back (by an earlier release, a cancel or the sweeper).
-                status @ (ReservationStatus::Released | ReservationStatus::Expired) => Ok(status),
-                ReservationStatus::Reserved => {
-                    adjust_stock(&mut tx, &reservation.sku, 0, -i64::from(reservation.qty)).await?;
-                    set_status(&mut tx, id, ReservationStatus::Released).await?;
-                    tx.commit().await?;
-                    Ok(ReservationStatus::Released)
-                }
-            }
+            self.db
+                .write(move |tx| {
+                    let reservation =
+                        find_reservation(tx, id)?.ok_or(StoreError::UnknownReservation(id))?;
+                    match reservation.status {
+                        ReservationStatus::Committed => Err(StoreError::Committed(id)),
+                        // Already given back (by an earlier release, a cancel or the sweeper).
+                        status @ (ReservationStatus::Released | ReservationStatus::Expired) => {
+                            Ok(status)
+                        }
+                        ReservationStatus::Reserved => {
+                            adjust_stock(tx, &reservation.sku, 0, -i64::from(reservation.qty))?;
+                            set_status(tx, id, ReservationStatus::Released)?;
+                            Ok(ReservationStatus::Released)
+                        }
+                    }
+                })
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 
     fn expire_due(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
             let now = millis(now);
-            let mut tx = self.db.begin_write().await?;
-            // Set-based: give each SKU back the sum of its due reservations, then mark them, in
-            // one transaction so the two statements see the same set.
-            sqlx::query(
-                "UPDATE stock SET reserved = reserved - ( \
-                     SELECT COALESCE(SUM(qty), 0) FROM reservations r \
-                     WHERE r.sku = stock.sku AND r.status = 'reserved' AND r.expires_at_ms <= ?1) \
-                 WHERE sku IN (SELECT sku FROM reservations \
-                               WHERE status = 'reserved' AND expires_at_ms <= ?1)",
-            )
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let expired = sqlx::query(
-                "UPDATE reservations SET status = 'expired' \
-                 WHERE status = 'reserved' AND expires_at_ms <= ?",
-            )
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            tx.commit().await?;
-            Ok(expired)
+            let expired = self
+                .db
+                .write(move |tx| {
+                    // Set-based: give each SKU back the sum of its due reservations, then mark
+                    // them, in one transaction so the two statements see the same set.
+                    tx.prepare_cached(
+                        "UPDATE stock SET reserved = reserved - ( \
+                             SELECT COALESCE(SUM(qty), 0) FROM reservations r \
+                             WHERE r.sku = stock.sku AND r.status = 'reserved' \
+                             AND r.expires_at_ms <= ?1) \
+                         WHERE sku IN (SELECT sku FROM reservations \
+                                       WHERE status = 'reserved' AND expires_at_ms <= ?1)",
+                    )?
+                    .execute([now])?;
+                    tx.prepare_cached(
+                        "UPDATE reservations SET status = 'expired' \
+                         WHERE status = 'reserved' AND expires_at_ms <= ?",
+                    )?
+                    .execute([now])
+                })
+                .await
+                .map_err(DatabaseError::from)?;
+            Ok(u64::try_from(expired).unwrap_or(u64::MAX))
         })
     }
 
@@ -364,10 +319,10 @@ impl InventoryStore for SqliteInventoryStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.db.begin_write().await?;
-            let applied = commit_lines(&mut tx, message_id, &lines).await?;
-            tx.commit().await?;
-            Ok(applied)
+            self.db
+                .write(move |tx| commit_lines(tx, message_id, &lines))
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 
@@ -377,10 +332,10 @@ impl InventoryStore for SqliteInventoryStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<Applied, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.db.begin_write().await?;
-            let applied = cancel_lines(&mut tx, message_id, &lines).await?;
-            tx.commit().await?;
-            Ok(applied)
+            self.db
+                .write(move |tx| cancel_lines(tx, message_id, &lines))
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 
@@ -390,48 +345,127 @@ impl InventoryStore for SqliteInventoryStore {
     ) -> BoxFuture<'_, Result<Vec<Applied>, StoreError>> {
         Box::pin(async move {
             // One transaction for the whole batch: one BEGIN and one COMMIT (and, on disk, one
-            // WAL sync point) however many events; an error drops `tx`, rolling all of it back.
-            let mut tx = self.db.begin_write().await?;
-            let mut results = Vec::with_capacity(events.len());
-            for (message_id, event) in &events {
-                results.push(match event {
-                    OrderEvent::Placed(lines) => commit_lines(&mut tx, *message_id, lines).await?,
-                    OrderEvent::Cancelled(lines) => {
-                        cancel_lines(&mut tx, *message_id, lines).await?
-                    }
-                });
-            }
-            tx.commit().await?;
-            Ok(results)
+            // WAL sync point) however many events; an error rolls all of it back.
+            self.db
+                .write(move |tx| {
+                    events
+                        .iter()
+                        .map(|(message_id, event)| match event {
+                            OrderEvent::Placed(lines) => commit_lines(tx, *message_id, lines),
+                            OrderEvent::Cancelled(lines) => cancel_lines(tx, *message_id, lines),
+                        })
+                        .collect()
+                })
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 }
 
+/// A reservation inside the caller's transaction. Anything but a new reservation is an `Err`,
+/// so the transaction is rolled back.
+fn reserve_in(tx: &Transaction<'_>, request: ReserveStock) -> Result<Reserved, NotReserved> {
+    let qty = request.qty.get();
+    let remaining: Option<i64> = tx
+        .prepare_cached(
+            "UPDATE stock SET reserved = reserved + ?1 \
+             WHERE sku = ?2 AND on_hand - reserved >= ?1 \
+             RETURNING on_hand - reserved AS remaining",
+        )?
+        .query_row(params![i64::from(qty), request.sku], |row| {
+            row.get("remaining")
+        })
+        .optional()?;
+    if let Some(remaining) = remaining {
+        let reservation = Reservation {
+            id: Uuid::new_v4(),
+            sku: request.sku.clone(),
+            qty,
+            order_id: request.order_id,
+            status: ReservationStatus::Reserved,
+            remaining_after: remaining,
+            // Stored in milliseconds: answer what a replay will read back.
+            expires_at: from_millis(millis(request.expires_at)),
+        };
+        // The UNIQUE key turns a replay into "nothing inserted" instead of a second
+        // reservation; it is answered below, and the units taken above are given back when the
+        // transaction is rolled back.
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
+                 remaining_after, created_at_ms, expires_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (idempotency_key) DO NOTHING",
+            )?
+            .execute(params![
+                reservation.id.to_string(),
+                reservation.sku,
+                i64::from(qty),
+                reservation.order_id.map(|id| id.to_string()),
+                request.idempotency_key.as_ref().map(IdempotencyKey::as_str),
+                reservation.status.as_str(),
+                reservation.remaining_after,
+                millis(request.now),
+                millis(reservation.expires_at),
+            ])?;
+        if inserted == 1 {
+            return Ok(Reserved {
+                reservation,
+                replayed: false,
+            });
+        }
+    }
+    // Nothing new is reserved: a replay of an earlier key, an unknown SKU or short stock. Still
+    // inside the transaction (whose UPDATE, if any, is rolled back), so the answer describes the
+    // same state the UPDATE saw.
+    if let Some(key) = &request.idempotency_key {
+        let earlier = tx
+            .prepare_cached(&format!(
+                "SELECT {RESERVATION_COLUMNS} WHERE idempotency_key = ?"
+            ))?
+            .query_row([key.as_str()], |row| Ok(reservation_from_row(row)))
+            .optional()?
+            .transpose()?;
+        if let Some(earlier) = earlier {
+            return Err(match replay(earlier, &request) {
+                Ok(replayed) => NotReserved::Replayed(replayed),
+                Err(error) => NotReserved::Failed(error),
+            });
+        }
+    }
+    let stock = tx
+        .prepare_cached(STOCK_BY_SKU)?
+        .query_row([&request.sku], |row| Ok(stock_from_row(row)))
+        .optional()?
+        .transpose()?;
+    Err(NotReserved::Failed(refusal(request, stock)))
+}
+
 /// `order.placed` inside the caller's transaction: records `message_id` in the inbox and
 /// commits each line's reservation, or does nothing when the inbox already had it.
-async fn commit_lines(
-    tx: &mut SqliteConnection,
+fn commit_lines(
+    tx: &Transaction<'_>,
     message_id: Uuid,
     lines: &[EventLine],
 ) -> Result<Applied, StoreError> {
-    if !shared::inbox::record(&mut *tx, message_id).await? {
+    if !shared::inbox::sqlite::record(tx, message_id)? {
         return Ok(Applied::duplicate());
     }
     let mut applied = Applied::default();
     for line in lines {
         let qty = i64::from(line.qty);
-        // The common case in two statements: the line's reservation is still held, so
-        // mark it committed and take its units off both levels. Anything else (expired,
-        // already committed, released, not matching the line) takes the slow path.
-        if commit_held(&mut *tx, line).await? {
-            adjust_stock(&mut *tx, &line.sku, -qty, -qty).await?;
+        // The common case in two statements: the line's reservation is still held, so mark it
+        // committed and take its units off both levels. Anything else (expired, already
+        // committed, released, not matching the line) takes the slow path.
+        if commit_held(tx, line)? {
+            adjust_stock(tx, &line.sku, -qty, -qty)?;
             applied.changed += 1;
             continue;
         }
-        let reservation = reservation_for_line(&mut *tx, line).await?;
+        let reservation = reservation_for_line(tx, line)?;
         let transition = placing(&reservation);
         if let Some(transition) = transition {
-            apply(&mut *tx, &reservation, transition).await?;
+            apply(tx, &reservation, transition)?;
         }
         applied.count(reservation.status, transition);
     }
@@ -440,20 +474,20 @@ async fn commit_lines(
 
 /// `order.cancelled` inside the caller's transaction: records `message_id` in the inbox and
 /// gives each line's units back, or does nothing when the inbox already had it.
-async fn cancel_lines(
-    tx: &mut SqliteConnection,
+fn cancel_lines(
+    tx: &Transaction<'_>,
     message_id: Uuid,
     lines: &[EventLine],
 ) -> Result<Applied, StoreError> {
-    if !shared::inbox::record(&mut *tx, message_id).await? {
+    if !shared::inbox::sqlite::record(tx, message_id)? {
         return Ok(Applied::duplicate());
     }
     let mut applied = Applied::default();
     for line in lines {
-        let reservation = reservation_for_line(&mut *tx, line).await?;
+        let reservation = reservation_for_line(tx, line)?;
         let transition = cancelling(&reservation);
         if let Some(transition) = transition {
-            apply(&mut *tx, &reservation, transition).await?;
+            apply(tx, &reservation, transition)?;
         }
         applied.count(reservation.status, transition);
     }

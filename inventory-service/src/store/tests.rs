@@ -234,6 +234,21 @@ async fn a_replay_answers_its_first_reservation_even_once_the_stock_has_run_shor
     assert_eq!(stock(store, "HD-44").await, Stock::new("HD-44", 3, 2));
 }
 
+on_both_backends!(a_replay_while_stock_is_plentiful_takes_no_more_units);
+async fn a_replay_while_stock_is_plentiful_takes_no_more_units(store: &dyn InventoryStore) {
+    let keyed = || ReserveStock {
+        idempotency_key: Some(IdempotencyKey::parse(b"order-2:MG-07").expect("valid key")),
+        ..request("MG-07", 2, time::Duration::minutes(10))
+    };
+    let first = store.reserve(keyed()).await.expect("reserved");
+    // Enough mugs for the replay's units to be taken again, and given back with its rollback.
+    let replay = store.reserve(keyed()).await.expect("replayed");
+
+    assert!(replay.replayed);
+    assert_eq!(replay.reservation, first.reservation);
+    assert_eq!(stock(store, "MG-07").await, Stock::new("MG-07", 50, 2));
+}
+
 on_both_backends!(releasing_twice_gives_the_units_back_once_and_answers_released_both_times);
 async fn releasing_twice_gives_the_units_back_once_and_answers_released_both_times(
     store: &dyn InventoryStore,

@@ -88,6 +88,12 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
 /// The outcome of claiming an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyClaim {

@@ -89,6 +89,12 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
 /// A price to set.
 #[derive(Debug, Clone)]
 pub struct SetPrice {

@@ -1,18 +1,19 @@
 //! [`PriceStore`] on SQLite, the embedded default: one process, one file.
 //!
-//! Write transactions use `BEGIN IMMEDIATE` ([`shared::db::Database::begin_write`]), taking
-//! SQLite's write lock up front instead of upgrading a read lock mid-transaction (an upgrade that
+//! Write transactions run whole on the database's writer thread
+//! ([`shared::db::Database::write`]), one hand-off each, starting with `BEGIN IMMEDIATE`: SQLite's
+//! write lock is taken up front instead of upgrading a read lock mid-transaction (an upgrade that
 //! loses a race fails with `SQLITE_BUSY` at once); with the write lock held, each transaction
-//! sees and changes the latest rows.
+//! sees and changes the latest rows. Reads stay on the pool, and a row decodes the same from
+//! either driver ([`Columns`]).
 
 use std::collections::BTreeSet;
 
 use futures::future::BoxFuture;
-use shared::db::Database;
+use rusqlite::{Transaction, params};
+use shared::db::{Columns, Database, DatabaseError, WriteError};
 use shared::events::EventLine;
 use shared::money::Money;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::{
@@ -37,14 +38,14 @@ impl SqlitePriceStore {
 
 const PRICE_COLUMNS: &str = "sku, name, price_cents, currency, units_sold, version";
 
-fn price_from_row(row: &SqliteRow) -> Result<Price, sqlx::Error> {
+fn price_from_row(row: &impl Columns) -> Result<Price, DatabaseError> {
     Ok(Price {
-        sku: row.try_get("sku")?,
-        name: row.try_get("name")?,
-        price: Money(row.try_get("price_cents")?),
-        currency: row.try_get("currency")?,
-        units_sold: row.try_get("units_sold")?,
-        version: stored_version(row.try_get("version")?)?,
+        sku: row.value("sku")?,
+        name: row.value("name")?,
+        price: Money(row.value("price_cents")?),
+        currency: row.value("currency")?,
+        units_sold: row.value("units_sold")?,
+        version: stored_version(row.value("version")?)?,
     })
 }
 
@@ -77,26 +78,35 @@ impl PriceStore for SqlitePriceStore {
 
     fn set_price(&self, change: SetPrice) -> BoxFuture<'_, Result<PriceSet, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.db.begin_write().await?;
-            // Inserts the SKU at version 1 (named after itself) or updates it to the next
-            // version, keeping its currency when none is given, and answers the stored row.
-            let row = sqlx::query(&format!(
-                "INSERT INTO prices (sku, name, price_cents, currency) \
-                 VALUES (?1, ?1, ?2, coalesce(?3, ?4)) \
-                 ON CONFLICT (sku) DO UPDATE SET price_cents = excluded.price_cents, \
-                 currency = coalesce(?3, prices.currency), version = prices.version + 1 \
-                 RETURNING {PRICE_COLUMNS}"
-            ))
-            .bind(&change.sku)
-            .bind(change.price.cents())
-            .bind(change.currency.as_deref())
-            .bind(DEFAULT_CURRENCY)
-            .fetch_one(&mut *tx)
-            .await?;
-            let set = PriceSet::stored(price_from_row(&row)?);
-            shared::outbox::enqueue(&mut tx, &set.event()).await?;
-            tx.commit().await?;
-            Ok(set)
+            self.db
+                .write(move |tx| {
+                    // Inserts the SKU at version 1 (named after itself) or updates it to the next
+                    // version, keeping its currency when none is given, and answers the stored
+                    // row.
+                    let price = tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO prices (sku, name, price_cents, currency) \
+                             VALUES (?1, ?1, ?2, coalesce(?3, ?4)) \
+                             ON CONFLICT (sku) DO UPDATE SET price_cents = excluded.price_cents, \
+                             currency = coalesce(?3, prices.currency), \
+                             version = prices.version + 1 \
+                             RETURNING {PRICE_COLUMNS}"
+                        ))?
+                        .query_row(
+                            params![
+                                change.sku,
+                                change.price.cents(),
+                                change.currency,
+                                DEFAULT_CURRENCY
+                            ],
+                            |row| Ok(price_from_row(row)),
+                        )??;
+                    let set = PriceSet::stored(price);
+                    shared::outbox::sqlite::enqueue(tx, &set.event())?;
+                    Ok(set)
+                })
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 
@@ -106,9 +116,11 @@ impl PriceStore for SqlitePriceStore {
         lines: Vec<EventLine>,
     ) -> BoxFuture<'_, Result<SalesRecorded, StoreError>> {
         Box::pin(async move {
-            let mut tx = self.db.begin_write().await?;
-            let mut recorded = record_orders(&mut tx, &[(message_id, lines)]).await?;
-            tx.commit().await?;
+            let mut recorded = self
+                .db
+                .write(move |tx| record_orders(tx, &[(message_id, lines)]))
+                .await
+                .map_err(WriteError::flatten)?;
             Ok(recorded.pop().unwrap_or_default())
         })
     }
@@ -118,35 +130,31 @@ impl PriceStore for SqlitePriceStore {
         orders: Vec<(Uuid, Vec<EventLine>)>,
     ) -> BoxFuture<'_, Result<Vec<SalesRecorded>, StoreError>> {
         Box::pin(async move {
-            // One transaction, one BEGIN and COMMIT, for the whole batch; an error drops `tx`,
-            // rolling all of it back.
-            let mut tx = self.db.begin_write().await?;
-            let recorded = record_orders(&mut tx, &orders).await?;
-            tx.commit().await?;
-            Ok(recorded)
+            // One transaction, one BEGIN and COMMIT, for the whole batch; an error rolls all of
+            // it back.
+            self.db
+                .write(move |tx| record_orders(tx, &orders))
+                .await
+                .map_err(WriteError::flatten)
         })
     }
 }
 
 /// Records each order's message ID in the inbox and adds the units of the orders not seen
 /// before to their SKUs' counters, inside the caller's transaction.
-async fn record_orders(
-    tx: &mut SqliteConnection,
+fn record_orders(
+    tx: &Transaction<'_>,
     orders: &[(Uuid, Vec<EventLine>)],
 ) -> Result<Vec<SalesRecorded>, StoreError> {
     let mut fresh = Vec::with_capacity(orders.len());
     for (message_id, _) in orders {
-        fresh.push(shared::inbox::record(&mut *tx, *message_id).await?);
+        fresh.push(shared::inbox::sqlite::record(tx, *message_id)?);
     }
     let mut counted = BTreeSet::new();
+    let mut add_units =
+        tx.prepare_cached("UPDATE prices SET units_sold = units_sold + ? WHERE sku = ?")?;
     for (sku, units) in units_per_sku(orders, &fresh) {
-        let updated = sqlx::query("UPDATE prices SET units_sold = units_sold + ? WHERE sku = ?")
-            .bind(units)
-            .bind(sku)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if updated > 0 {
+        if add_units.execute(params![units, sku])? > 0 {
             counted.insert(sku);
         }
     }

@@ -246,8 +246,8 @@ pub(crate) async fn watching_duplicates<T>(work: impl Future<Output = T>) -> (T,
         .await
 }
 
-/// Counts a delivery being handled as a duplicate (called by [`crate::inbox::record`] and
-/// [`crate::inbox::sqlite::record`]); does nothing outside a consumer's handler or
+/// Counts a delivery being handled as a duplicate (called by [`crate::inbox::sqlite::record`] and
+/// [`crate::inbox::postgres::record`]); does nothing outside a consumer's handler or
 /// [`counting_duplicates`].
 pub(crate) fn mark_duplicate() {
     mark_duplicates(1);

@@ -9,8 +9,8 @@
 //! Sent rows are kept for an hour (so an operator can see what went out, and when) and then
 //! pruned, which keeps the table small.
 //!
-//! Writing a row ([`sqlite::enqueue`] in a [`Database::write`] transaction, [`enqueue`] in a sqlx
-//! one) happens inside the service's own transaction; the relay reaches
+//! Writing a row ([`sqlite::enqueue`] in a [`Database::write`] transaction, [`postgres::enqueue`]
+//! on PostgreSQL) happens inside the service's own transaction; the relay reaches
 //! the table only through [`OutboxStorage`], so another database backend adds an implementation
 //! beside [`SqliteOutbox`] and keeps the relay: [`postgres`] holds the outbox on PostgreSQL and
 //! [`postgres::PgOutbox`], whose leader guard lets several replicas share one outbox.
@@ -24,7 +24,7 @@ use futures::future::BoxFuture;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,6 @@ use uuid::Uuid;
 
 use crate::correlation::{self, CorrelationId};
 use crate::db::{Database, DatabaseError};
-use crate::events::Event;
 use crate::messaging::{OutgoingMessage, Publisher};
 use crate::trace_context;
 
@@ -85,8 +84,8 @@ const KEEP_SENT: Duration = Duration::from_secs(3600);
 /// How often sent rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// The statement that writes an outbox row, one for both SQLite drivers so they cannot drift;
-/// its parameters are [`Columns`]' fields in order.
+/// The statement that writes an outbox row ([`sqlite::enqueue_message`]); its parameters are
+/// [`Columns`]' fields in order.
 const ENQUEUE: &str = "INSERT INTO outbox \
      (message_id, event_type, version, correlation_id, data, traceparent, tracestate) \
      VALUES (?, ?, ?, ?, ?, ?, ?)";
@@ -127,38 +126,6 @@ impl<'a> Columns<'a> {
             tracestate,
         })
     }
-}
-
-/// Writes `event` to the outbox inside the caller's sqlx transaction
-/// ([`Database::begin_write`]); [`sqlite::enqueue`] does the same inside [`Database::write`].
-///
-/// # Errors
-/// Database or serialisation failure.
-pub async fn enqueue<E: Event>(tx: &mut SqliteConnection, event: &E) -> Result<(), sqlx::Error> {
-    let message = OutgoingMessage::new(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    enqueue_message(tx, &message).await
-}
-
-/// Writes an already built `message` to the outbox inside the caller's sqlx transaction.
-///
-/// # Errors
-/// Database failure.
-pub async fn enqueue_message(
-    tx: &mut SqliteConnection,
-    message: &OutgoingMessage,
-) -> Result<(), sqlx::Error> {
-    let row = Columns::of(message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query(ENQUEUE)
-        .bind(row.message_id)
-        .bind(row.event_type)
-        .bind(row.version)
-        .bind(row.correlation_id)
-        .bind(row.data)
-        .bind(row.traceparent)
-        .bind(row.tracestate)
-        .execute(tx)
-        .await?;
-    Ok(())
 }
 
 /// Rows not yet confirmed by the broker (for readiness details and tests).
@@ -504,15 +471,17 @@ mod tests {
         )
         .await
         .expect("opens");
-        let mut tx = database.begin_write().await.expect("begins");
         let event = PriceChanged {
             sku: "MG-07".to_owned(),
             price: Money(1250),
             currency: "EUR".to_owned(),
             version: 1,
         };
-        enqueue(&mut tx, &event).await.expect("enqueues");
-        tx.commit().await.expect("commits");
+        let enqueued = event.clone();
+        database
+            .write(move |tx| sqlite::enqueue(tx, &enqueued))
+            .await
+            .expect("enqueues");
         assert_eq!(pending(database.pool()).await.expect("counts"), 1);
         let row = sqlx::query("SELECT event_type, data FROM outbox")
             .fetch_one(database.pool())
@@ -535,17 +504,21 @@ mod tests {
         )
         .await
         .expect("opens");
-        let mut tx = database.begin_write().await.expect("begins");
-        for sku in ["MG-07", "BK-12", "HD-44"] {
-            let event = PriceChanged {
-                sku: sku.to_owned(),
-                price: Money(1250),
-                currency: "EUR".to_owned(),
-                version: 1,
-            };
-            enqueue(&mut tx, &event).await.expect("enqueues");
-        }
-        tx.commit().await.expect("commits");
+        database
+            .write(|tx| {
+                for sku in ["MG-07", "BK-12", "HD-44"] {
+                    let event = PriceChanged {
+                        sku: sku.to_owned(),
+                        price: Money(1250),
+                        currency: "EUR".to_owned(),
+                        version: 1,
+                    };
+                    sqlite::enqueue(tx, &event)?;
+                }
+                Ok::<_, rusqlite::Error>(())
+            })
+            .await
+            .expect("enqueues");
         let storage = SqliteOutbox::new(database.clone());
 
         let unsent = storage.unsent(BATCH_SIZE).await.expect("reads");
@@ -554,9 +527,14 @@ mod tests {
         assert!(ids.is_sorted(), "oldest first");
         storage.mark_sent(&ids[..2]).await.expect("marks");
         assert_eq!(storage.backlog().await.expect("reads").pending, 1);
-        sqlx::query("UPDATE outbox SET sent_at = '2000-01-01T00:00:00.000Z' WHERE id = ?")
-            .bind(ids[0])
-            .execute(&mut *database.writer().await.expect("writer"))
+        let oldest = ids[0];
+        database
+            .write(move |tx| {
+                tx.execute(
+                    "UPDATE outbox SET sent_at = '2000-01-01T00:00:00.000Z' WHERE id = ?",
+                    [oldest],
+                )
+            })
             .await
             .expect("ages a row");
 

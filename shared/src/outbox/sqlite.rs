@@ -1,5 +1,5 @@
-//! The outbox inside a [`Database::write`](crate::db::Database::write) transaction (rusqlite):
-//! the same row as [`super::enqueue`] writes, on the writer thread.
+//! Writing the SQLite outbox, inside a [`Database::write`](crate::db::Database::write)
+//! transaction on the writer thread (rusqlite).
 
 use rusqlite::Transaction;
 

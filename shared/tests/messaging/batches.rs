@@ -8,7 +8,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use shared::correlation::{self, CorrelationId};
-use shared::db::{self, Database, WriteTransaction};
+use shared::db::{self, Database, DatabaseError};
 use shared::events::PriceChanged;
 use shared::inbox;
 use shared::messaging::QueueType;
@@ -19,6 +19,7 @@ use shared::messaging::{
 use shared::metrics::Metrics;
 use sqlx::Row;
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use crate::assert_eventually;
 use crate::helpers::{QUEUE, TestBroker, consumer, deliveries, price_changed, settings};
@@ -59,57 +60,59 @@ impl Ledger {
         })
     }
 
-    async fn apply(
+    /// Decodes `messages` and refuses a batch holding [`POISON`]; waits while one of them is the
+    /// [`GATE`] and the gate is shut. Answers each message's ID and SKU.
+    async fn admit(
         &self,
-        tx: &mut WriteTransaction,
-        message: &IncomingMessage,
-    ) -> Result<(), HandlerError> {
-        let event: PriceChanged = message.decode()?;
-        if event.sku == POISON {
-            return Err(HandlerError::Permanent("poisoned".to_owned()));
+        messages: &[IncomingMessage],
+    ) -> Result<Vec<(Uuid, String)>, HandlerError> {
+        let mut effects = Vec::with_capacity(messages.len());
+        for message in messages {
+            let event: PriceChanged = message.decode()?;
+            if event.sku == POISON {
+                return Err(HandlerError::Permanent("poisoned".to_owned()));
+            }
+            if event.sku == GATE {
+                let mut gate = self.gate.clone();
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            effects.push((message.message_id, event.sku));
         }
-        if event.sku == GATE {
-            let mut gate = self.gate.clone();
-            let _ = gate.wait_for(|open| *open).await;
-        }
-        if inbox::record(tx, message.message_id)
-            .await
-            .map_err(transient)?
-        {
-            sqlx::query("INSERT INTO effects (message_id, sku) VALUES (?, ?)")
-                .bind(message.message_id.to_string())
-                .bind(&event.sku)
-                .execute(&mut **tx)
-                .await
-                .map_err(transient)?;
-        }
-        Ok(())
+        Ok(effects)
     }
-}
 
-fn transient(error: sqlx::Error) -> HandlerError {
-    HandlerError::Transient(error.to_string())
+    /// Applies the admitted messages in one transaction: all of them, or (on an error) none.
+    async fn apply(&self, effects: Vec<(Uuid, String)>) -> Result<(), HandlerError> {
+        self.db
+            .write(move |tx| {
+                for (message_id, sku) in &effects {
+                    if inbox::sqlite::record(tx, *message_id)? {
+                        tx.prepare_cached("INSERT INTO effects (message_id, sku) VALUES (?, ?)")?
+                            .execute([message_id.to_string(), sku.clone()])?;
+                    }
+                }
+                Ok::<_, rusqlite::Error>(())
+            })
+            .await
+            .map_err(|error| HandlerError::Transient(DatabaseError::from(error).to_string()))
+    }
 }
 
 impl Handler for Ledger {
     fn handle(&self, message: IncomingMessage) -> HandlerFuture<'_> {
         Box::pin(async move {
             *self.singles.lock().expect("lock") += 1;
-            let mut tx = self.db.begin_write().await.map_err(transient)?;
-            self.apply(&mut tx, &message).await?;
-            tx.commit().await.map_err(transient)
+            let effects = self.admit(std::slice::from_ref(&message)).await?;
+            self.apply(effects).await
         })
     }
 
     fn handle_batch<'a>(&'a self, messages: &'a [IncomingMessage]) -> Option<HandlerFuture<'a>> {
         Some(Box::pin(async move {
             self.batches.lock().expect("lock").push(messages.len());
-            let mut tx = self.db.begin_write().await.map_err(transient)?;
-            for message in messages {
-                // An error drops `tx`: the whole batch rolls back.
-                self.apply(&mut tx, message).await?;
-            }
-            tx.commit().await.map_err(transient)
+            // A poison message refuses the whole batch before anything is written.
+            let effects = self.admit(messages).await?;
+            self.apply(effects).await
         }))
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::future::BoxFuture;
-use shared::db::{self, Database};
+use shared::db::{self, Database, DatabaseError};
 use shared::inbox;
 use shared::messaging::QueueType;
 use shared::messaging::{Handler, HandlerError, IncomingMessage, OutgoingMessage};
@@ -34,19 +34,17 @@ struct Idempotent {
 impl Handler for Idempotent {
     fn handle(&self, message: IncomingMessage) -> BoxFuture<'_, Result<(), HandlerError>> {
         Box::pin(async move {
-            let transient = |e: sqlx::Error| HandlerError::Transient(e.to_string());
-            let mut tx = self.db.begin_write().await.map_err(transient)?;
-            if inbox::record(&mut tx, message.message_id)
+            let id = message.message_id;
+            self.db
+                .write(move |tx| {
+                    if inbox::sqlite::record(tx, id)? {
+                        tx.prepare_cached("INSERT INTO effects (message_id) VALUES (?)")?
+                            .execute([id.to_string()])?;
+                    }
+                    Ok::<_, rusqlite::Error>(())
+                })
                 .await
-                .map_err(transient)?
-            {
-                sqlx::query("INSERT INTO effects (message_id) VALUES (?)")
-                    .bind(message.message_id.to_string())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(transient)?;
-            }
-            tx.commit().await.map_err(transient)?;
+                .map_err(|e| HandlerError::Transient(DatabaseError::from(e).to_string()))?;
             self.deliveries.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })

@@ -22,13 +22,16 @@ async fn the_relay_publishes_enqueued_rows_in_order_and_marks_them_sent(queue_ty
     let running = tokio::spawn(relay.clone().run(stop.clone()));
 
     let skus: Vec<String> = (0..300).map(|i| format!("SKU-{i:03}")).collect();
-    let mut tx = database.begin_write().await.expect("begins");
-    for sku in &skus {
-        outbox::enqueue(&mut tx, &price_changed(sku))
-            .await
-            .expect("enqueues");
-    }
-    tx.commit().await.expect("commits");
+    let enqueued = skus.clone();
+    database
+        .write(move |tx| {
+            for sku in &enqueued {
+                outbox::sqlite::enqueue(tx, &price_changed(sku))?;
+            }
+            Ok::<_, rusqlite::Error>(())
+        })
+        .await
+        .expect("enqueues");
     relay.notify();
 
     assert_eventually!(

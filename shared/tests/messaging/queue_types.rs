@@ -155,11 +155,10 @@ async fn a_full_queue_nacks_a_publish_and_the_outbox_relay_sends_it_once_there_i
     let relay = OutboxRelay::new(database.clone(), publisher.clone());
     let stop = CancellationToken::new();
     let running = tokio::spawn(relay.clone().run(stop.clone()));
-    let mut tx = database.begin_write().await.expect("begins");
-    outbox::enqueue(&mut tx, &price_changed("FL-RELAYED"))
+    database
+        .write(|tx| outbox::sqlite::enqueue(tx, &price_changed("FL-RELAYED")))
         .await
         .expect("enqueues");
-    tx.commit().await.expect("commits");
     relay.notify();
     assert_eventually!(nacked() >= 2, "the relay's publish was never refused");
     assert_eq!(outbox::pending(database.pool()).await.expect("counts"), 1);

@@ -142,15 +142,11 @@ async fn an_event_published_later_by_the_outbox_relay_joins_the_trace_of_the_req
 
     // The request commits the row and ends before anything is published.
     let request = tracing::info_span!("request");
-    async {
-        let mut tx = database.begin_write().await.expect("begins");
-        outbox::enqueue(&mut tx, &price_changed("BK-12"))
-            .await
-            .expect("enqueues");
-        tx.commit().await.expect("commits");
-    }
-    .instrument(request.clone())
-    .await;
+    database
+        .write(|tx| outbox::sqlite::enqueue(tx, &price_changed("BK-12")))
+        .instrument(request.clone())
+        .await
+        .expect("enqueues");
     let root = shared::trace_context::context_of(&request).expect("the request is traced");
     drop(request);
 
