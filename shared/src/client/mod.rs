@@ -23,7 +23,7 @@
 //!    backoff with full jitter, stretched to honour `Retry-After`, if the retry budget has a token
 //!    and the sleep ends before the deadline. Such a request is also *hedged*: when an attempt has
 //!    not answered after `hedge_delay`, another starts on another instance and the first good
-//!    answer wins (the others are cancelled). Hedges count as attempts and draw on the same budget.
+//!    answer wins (the others are cancelled). Hedges count as attempts and draw on a budget of their own.
 //! 6. Non-2xx answers become [`ClientError::Status`]; [`ClientError::to_problem`] turns any error
 //!    into the `502`/`503`/`504` problem our own caller gets.
 //!
@@ -122,8 +122,8 @@ impl ClientConfig {
     ///   internal endpoints answer in a few milliseconds (the benchmark's p99 of a direct read is
     ///   under 7 ms), so an attempt silent for 50 ms is almost always stuck, and hedging it cuts a
     ///   hang from the 2 s attempt timeout to about 50 ms; a percentile would follow the latency
-    ///   up under load and hedge a fixed share of healthy traffic. Under overload the retry
-    ///   budget, not the delay, stops hedges.
+    ///   up under load and hedge a fixed share of healthy traffic. Under overload the hedges'
+    ///   budget (20 % of calls), not the delay, stops hedges.
     /// - retries, breaker, balancing: see [`RetryConfig::default`], [`BreakerConfig::default`]
     ///   and [`BalanceConfig::default`].
     pub fn new(name: &'static str, base_urls: Vec<Url>) -> Self {
@@ -340,6 +340,8 @@ struct Inner {
     instances: Arc<Instances>,
     breaker: Arc<CircuitBreaker>,
     budget: RetryBudget,
+    /// Hedges' own budget, so they never spend the retries'.
+    hedge_budget: RetryBudget,
     stats: Arc<ClientStats>,
 }
 
@@ -417,6 +419,7 @@ impl ResilientClient {
                 instances: Arc::new(instances),
                 breaker: Arc::new(CircuitBreaker::new(config.name, config.breaker.clone())),
                 budget: RetryBudget::new(&config.retry),
+                hedge_budget: RetryBudget::for_hedges(&config.retry),
                 stats: Arc::default(),
                 config,
             }),
@@ -465,6 +468,7 @@ impl ResilientClient {
                     retry_after,
                 })?;
         inner.budget.deposit();
+        inner.hedge_budget.deposit();
         let retryable = request.is_retryable();
         let hedge_delay = config.hedge_delay.filter(|_| retryable);
         let headers = self.headers_for(request)?;
@@ -651,8 +655,9 @@ impl ResilientClient {
             return Ok(None);
         };
         if hedge {
-            // Hedges draw on the retry budget, so under a real outage they stop with retries.
-            if !inner.budget.withdraw() {
+            // Hedges draw on a budget of their own (a share of calls), so they are bounded
+            // under a real outage and never leave the retries without tokens.
+            if !inner.hedge_budget.withdraw() {
                 inner.stats.budget_exhausted();
                 return Ok(None);
             }
@@ -900,6 +905,9 @@ fn validate(config: &ClientConfig) -> Result<(), ClientError> {
     }
     if !(0.0..=1000.0).contains(&config.retry.budget_ratio) {
         return invalid("budget_ratio must be within 0..=1000");
+    }
+    if !(0.0..=1000.0).contains(&config.retry.hedge_budget_ratio) {
+        return invalid("hedge_budget_ratio must be within 0..=1000");
     }
     if config.retry.budget_min_per_sec >= i32::MAX as u32 {
         return invalid("budget_min_per_sec is too large");

@@ -126,18 +126,21 @@ async fn with_every_instance_hanging_hedges_stop_when_the_budget_is_spent() {
     }
     let mut config = hedging(config(&[&a, &b]));
     config.attempt_timeout = Duration::from_millis(100);
-    // No share of calls funds retries, and the floor's reserve is 10 over the 10 s window.
+    // No share of calls funds retries or hedges, and each budget's floor is 10 over the 10 s
+    // window.
     config.retry.budget_ratio = 0.0;
+    config.retry.hedge_budget_ratio = 0.0;
     config.retry.budget_min_per_sec = 1;
     let client = client(config);
 
-    for _ in 0..10 {
+    for _ in 0..20 {
         let _ = client.send(ClientRequest::get("/stock/BK-12")).await;
     }
 
-    // One first attempt per call and exactly the ten hedges (and retries) the budget had.
+    // One first attempt per call, and exactly the ten hedges and ten retries the two budgets
+    // had (three attempts per call would have been 60).
     let upstream_requests = received(&a).await.len() + received(&b).await.len();
-    assert_eq!(upstream_requests, 10 + 10);
+    assert_eq!(upstream_requests, 20 + 10 + 10);
 }
 
 #[tokio::test]
