@@ -64,6 +64,11 @@ impl IntoResponse for ApiError {
 
 fn placement_problem(error: &PlacementError) -> Problem {
     match error {
+        PlacementError::KeyInUse { retry_after } => {
+            Problem::new(StatusCode::CONFLICT, "Idempotency-Key in use")
+                .detail("another request with this Idempotency-Key is still placing its order; send it again after Retry-After")
+                .retry_after(*retry_after)
+        }
         PlacementError::KeyReused => {
             Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Idempotency-Key reused")
                 .detail("this Idempotency-Key was already used for a different order")

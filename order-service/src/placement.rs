@@ -37,6 +37,19 @@ use crate::store::{KeyClaim, OrderRepository, StoreError, unix_millis};
 /// to nothing and adds at most 20 ms to a duplicate's answer.
 const KEY_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// How long a request waits for another request placing an order with the same idempotency key
+/// before answering `409` with `Retry-After` instead. Placing an order takes tens of
+/// milliseconds, so a duplicate that has waited a second waits on an owner that is slow or dead
+/// (a replica killed mid-order holds its claim until it goes stale). Waiting on until the
+/// deadline turned such a duplicate into a `504`, which its callers' breakers count against this
+/// service (seen in the replica test: the gateway's breaker for order-service opened); a `409`
+/// tells the client to come back, as the IETF Idempotency-Key draft and Stripe do.
+const KEY_IN_USE_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The `Retry-After` of that `409`: about when a dead owner's claim can have gone stale, no
+/// sooner than a live owner has finished.
+const KEY_IN_USE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Time compensation gets to release reservations, independent of the (possibly spent) request
 /// deadline: enough for a couple of attempts per release against a slow inventory. Anything not
 /// released by then is left to inventory's reservation TTL (flow 4), which is the backstop.
@@ -61,6 +74,12 @@ pub enum PlacementError {
     /// The idempotency key was already used for a different order request.
     #[error("the idempotency key was already used with a different request body")]
     KeyReused,
+    /// Another request with the same idempotency key is still placing its order.
+    #[error("another request with this idempotency key is still being placed")]
+    KeyInUse {
+        /// When to send it again.
+        retry_after: Duration,
+    },
     /// Pricing or inventory does not know a SKU.
     #[error("unknown sku {0}")]
     UnknownSku(String),
@@ -107,7 +126,7 @@ impl PlacementError {
     /// permanent problem (unknown SKU) beats short stock, which beats a transient outage.
     fn rank(&self) -> u8 {
         match self {
-            Self::UnknownSku(_) | Self::Invalid(_) | Self::KeyReused => 0,
+            Self::UnknownSku(_) | Self::Invalid(_) | Self::KeyReused | Self::KeyInUse { .. } => 0,
             Self::OutOfStock { .. } => 1,
             Self::MixedCurrencies(..) => 2,
             Self::PricingUnavailable { .. } => 3,
@@ -188,6 +207,7 @@ impl OrderPlacement {
         key: String,
     ) -> Result<Order, PlacementError> {
         let fingerprint = request.fingerprint();
+        let patience = tokio::time::Instant::now() + KEY_IN_USE_PATIENCE;
         loop {
             // A new order ID per claim: if an earlier owner failed, its reservations were keyed
             // by its own order ID and released; reusing that ID would replay released ones.
@@ -210,8 +230,13 @@ impl OrderPlacement {
                 }
             }
             // The owner is still working (or failed and is giving the key back): wait and look
-            // again, for at most as long as our own caller waits.
+            // again, for at most `KEY_IN_USE_PATIENCE` and as long as our own caller waits.
             let next = tokio::time::Instant::now() + KEY_POLL_INTERVAL;
+            if next > patience {
+                return Err(PlacementError::KeyInUse {
+                    retry_after: KEY_IN_USE_RETRY_AFTER,
+                });
+            }
             match deadline::current() {
                 Some(deadline) if deadline.instant() <= next => {
                     return Err(PlacementError::DeadlineExceeded);

@@ -88,6 +88,9 @@ pub async fn place(http: &reqwest::Client, url: &str, key: &str, body: &Value) -
                     .to_owned(),
             )
         }
+        // 409 "Idempotency-Key in use": the same key is still being placed (by a replica that
+        // may have died holding it): come back later, like a 503.
+        409 if body.contains("Idempotency-Key in use") => Outcome::Unanswered(status),
         429 | 500..=599 => Outcome::Unanswered(status),
         _ => Outcome::Refused(status, body),
     }

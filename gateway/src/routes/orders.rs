@@ -28,7 +28,7 @@ use crate::state::AppState;
         (status = 201, description = "The order was placed", body = Order,
             headers(("Location" = String, description = "The order's URL"))),
         (status = 400, description = "Malformed JSON or an invalid Idempotency-Key", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not enough stock for a line", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not enough stock for a line, or another request with the same Idempotency-Key is still being placed (with Retry-After)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The body is not a valid order (unknown or invalid SKU, zero or too large quantity), or the Idempotency-Key was used for a different order", body = Problem, content_type = "application/problem+json"),

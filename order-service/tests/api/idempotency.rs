@@ -80,6 +80,53 @@ async fn twenty_concurrent_requests_with_one_key_place_one_order() {
 }
 
 #[tokio::test]
+async fn a_duplicate_of_an_order_still_being_placed_is_told_to_come_back_after_a_second() {
+    let app = spawn_app().await;
+    app.given_price("BK-12", 39.90).await;
+    // The first request's reservation takes 1.8 s (inside the 2 s attempt timeout): its owner is
+    // slow (or, in production, dead).
+    Mock::given(method("POST"))
+        .and(path("/reserve"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_delay(std::time::Duration::from_millis(1800))
+                .set_body_json(serde_json::json!({
+                    "sku": "BK-12", "reserved": 1, "remaining": 10,
+                    "reservationId": Uuid::new_v4(), "expiresAt": "2030-01-01T00:00:00Z",
+                })),
+        )
+        .mount(&app.inventory)
+        .await;
+    let key = Uuid::new_v4().to_string();
+
+    let first = app.post_order(&[("BK-12", 1)], Some(&key));
+    let duplicate = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let response = app.post_order(&[("BK-12", 1)], Some(&key)).await;
+        (response, started.elapsed())
+    };
+    let (first, (duplicate, waited)) = tokio::join!(first, duplicate);
+
+    assert_eq!(duplicate.status(), 409);
+    assert_eq!(
+        duplicate
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert!(
+        waited < std::time::Duration::from_millis(1500),
+        "answered before the owner finished: {waited:?}"
+    );
+    let problem: Value = duplicate.json().await.expect("problem JSON");
+    assert_eq!(problem["title"], "Idempotency-Key in use");
+    assert_eq!(first.status(), 201, "the owner still places its order");
+    app.teardown().await;
+}
+
+#[tokio::test]
 async fn a_key_whose_first_attempt_failed_can_be_retried() {
     let app = spawn_app().await;
     app.given_price("HD-44", 49.00).await;
