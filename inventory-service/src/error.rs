@@ -7,7 +7,7 @@ use http::StatusCode;
 use shared::problem::Problem;
 use uuid::Uuid;
 
-use crate::store::StoreError;
+use crate::store::{Shortage, StoreError};
 
 /// A caller told the database is busy (or briefly away) comes back after this long: SQLite's
 /// write lock and PostgreSQL's row locks are held for milliseconds at a time, so a second is
@@ -33,6 +33,9 @@ pub enum ApiError {
         /// Units available.
         available: i64,
     },
+    /// Lines of a whole order with too few units available (never empty); nothing reserved.
+    #[error("insufficient stock for an order")]
+    OrderShort(Vec<Shortage>),
     /// A committed reservation cannot be released.
     #[error("reservation {0} is committed")]
     Committed(Uuid),
@@ -58,9 +61,12 @@ impl From<StoreError> for ApiError {
                 requested,
                 available,
             },
+            StoreError::OrderShort(shortages) => Self::OrderShort(shortages),
             StoreError::Committed(id) => Self::Committed(id),
             StoreError::KeyReused => Self::Invalid(
-                "this Idempotency-Key was already used for a different sku or qty".to_owned(),
+                "this Idempotency-Key was already used for a different sku or qty \
+                 (or a whole order with other lines)"
+                    .to_owned(),
             ),
             StoreError::InvalidLevel(reason) => Self::Invalid(reason),
             other @ (StoreError::LineMismatch { .. } | StoreError::Database(_)) => {
@@ -91,6 +97,29 @@ impl IntoResponse for ApiError {
                 .with("sku", sku)
                 .with("requested", requested)
                 .with("available", available),
+            // The one-line 409's shape (`sku`, `requested`, `available` of the first short line, so
+            // a caller that reads those keeps working) plus every short line in `shortages`.
+            Self::OrderShort(shortages) => {
+                let first = shortages.first().cloned().unwrap_or(Shortage {
+                    sku: String::new(),
+                    requested: 0,
+                    available: 0,
+                });
+                let skus: Vec<&str> = shortages.iter().map(|s| s.sku.as_str()).collect();
+                Problem::new(StatusCode::CONFLICT, "Insufficient stock")
+                    .detail(format!(
+                        "nothing was reserved: stock is short for {}; requested {} of {} but \
+                         only {} available",
+                        skus.join(", "),
+                        first.requested,
+                        first.sku,
+                        first.available
+                    ))
+                    .with("sku", &first.sku)
+                    .with("requested", first.requested)
+                    .with("available", first.available)
+                    .with("shortages", shortages)
+            }
             Self::Committed(id) => Problem::new(StatusCode::CONFLICT, "Reservation committed")
                 .detail(format!(
                     "reservation {id} belongs to a placed order; cancel the order to return its stock"

@@ -8,8 +8,8 @@
 //!
 //! What a state change *means* (which units an order event takes or gives back, what a replayed
 //! idempotency key answers, which lines are refused) is decided here, once, by
-//! [`placing`], [`cancelling`], [`check_line`] and [`replay`]; the backends only read the state
-//! and write the decision.
+//! [`placing`], [`cancelling`], [`check_line`], [`replay`], [`replay_order`] and
+//! [`order_refusal`]; the backends only read the state and write the decision.
 
 pub mod postgres;
 pub mod sqlite;
@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0002_seed_catalogue.sql"),
     ),
     (3, "consumer inbox", shared::inbox::MIGRATION),
+    (
+        4,
+        "whole-order reservations",
+        include_str!("../../migrations/sqlite/0004_whole_order_reservations.sql"),
+    ),
 ];
 
 /// The PostgreSQL schema (the same tables in native types, and the same seed), applied by
@@ -54,6 +59,11 @@ pub const PG_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/postgres/0002_seed_catalogue.sql"),
     ),
     (3, "consumer inbox", shared::inbox::postgres::MIGRATION),
+    (
+        4,
+        "whole-order reservations",
+        include_str!("../../migrations/postgres/0004_whole_order_reservations.sql"),
+    ),
 ];
 
 /// Why a store operation did not happen.
@@ -72,7 +82,11 @@ pub enum StoreError {
         /// Units that could have been reserved.
         available: i64,
     },
-    /// The idempotency key already names a reservation of a different SKU or quantity.
+    /// Lines of a whole order whose stock is short; nothing of the order was reserved.
+    #[error("insufficient stock for {} line(s) of the order, first {}", .0.len(), .0[0].sku)]
+    OrderShort(Vec<Shortage>),
+    /// The idempotency key already names a reservation of a different SKU or quantity (or a
+    /// whole order of other lines).
     #[error("idempotency key reused for a different reservation")]
     KeyReused,
     /// No such reservation.
@@ -124,6 +138,128 @@ pub struct ReserveStock {
     pub now: OffsetDateTime,
     /// When it expires unless committed.
     pub expires_at: OffsetDateTime,
+}
+
+/// The most lines one whole-order reservation may have: order-service accepts at most 100
+/// distinct items per order (`MAX_LINES`), so any order it takes fits in one call, and the bound
+/// keeps the transaction (which holds one stock row lock per line on PostgreSQL) short.
+pub const MAX_ORDER_LINES: usize = 100;
+
+/// One line of a whole-order reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderLine {
+    /// Product.
+    pub sku: String,
+    /// Units.
+    pub qty: Quantity,
+}
+
+/// A whole order to reserve in one transaction, all lines or none. Built by [`Self::new`], so
+/// its lines are 1 to [`MAX_ORDER_LINES`] distinct SKUs.
+#[derive(Debug, Clone)]
+pub struct ReserveOrder {
+    order_id: Uuid,
+    lines: Vec<OrderLine>,
+    idempotency_key: Option<IdempotencyKey>,
+    now: OffsetDateTime,
+    expires_at: OffsetDateTime,
+}
+
+impl ReserveOrder {
+    /// Validates the lines: 1 to [`MAX_ORDER_LINES`], no SKU twice (a caller merges duplicates
+    /// first; two reservations of one SKU under one order would share a line key).
+    ///
+    /// # Errors
+    /// A sentence for a `422` problem's detail.
+    pub fn new(
+        order_id: Uuid,
+        lines: Vec<OrderLine>,
+        idempotency_key: Option<IdempotencyKey>,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<Self, String> {
+        if lines.is_empty() || lines.len() > MAX_ORDER_LINES {
+            return Err(format!(
+                "items must have 1 to {MAX_ORDER_LINES} lines, got {}",
+                lines.len()
+            ));
+        }
+        for (i, line) in lines.iter().enumerate() {
+            if lines[..i].iter().any(|earlier| earlier.sku == line.sku) {
+                return Err(format!(
+                    "sku {} appears more than once in items; merge its lines into one",
+                    line.sku
+                ));
+            }
+        }
+        Ok(Self {
+            order_id,
+            lines,
+            idempotency_key,
+            now,
+            expires_at,
+        })
+    }
+
+    /// The order.
+    pub fn order_id(&self) -> Uuid {
+        self.order_id
+    }
+
+    /// The lines, in request order.
+    pub fn lines(&self) -> &[OrderLine] {
+        &self.lines
+    }
+
+    /// The request's idempotency key, if any.
+    pub fn idempotency_key(&self) -> Option<&IdempotencyKey> {
+        self.idempotency_key.as_ref()
+    }
+
+    /// When it was asked for.
+    pub fn now(&self) -> OffsetDateTime {
+        self.now
+    }
+
+    /// When its reservations expire unless committed.
+    pub fn expires_at(&self) -> OffsetDateTime {
+        self.expires_at
+    }
+
+    /// Line `sku`'s own idempotency key: `<key>:<sku>`, the key a one-line `POST /reserve` for the
+    /// same order carries when the order's key is its ID (order-service's `order_id:sku`).
+    pub fn line_key(&self, sku: &str) -> Option<String> {
+        self.idempotency_key
+            .as_ref()
+            .map(|key| format!("{}:{sku}", key.as_str()))
+    }
+
+    /// Indices of the lines in SKU order: the order a backend that locks rows takes them in.
+    pub fn in_sku_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.lines.len()).collect();
+        order.sort_unstable_by(|&a, &b| self.lines[a].sku.cmp(&self.lines[b].sku));
+        order
+    }
+}
+
+/// A short line of a whole order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Shortage {
+    /// Product.
+    pub sku: String,
+    /// Units asked for.
+    pub requested: u32,
+    /// Units that could have been reserved.
+    pub available: i64,
+}
+
+/// The answer to a whole-order reservation.
+#[derive(Debug, Clone)]
+pub struct ReservedOrder {
+    /// One reservation per line, in request order.
+    pub reservations: Vec<Reservation>,
+    /// `true` when the key named an earlier whole order and nothing new was reserved.
+    pub replayed: bool,
 }
 
 /// The answer to a reservation.
@@ -189,6 +325,12 @@ pub trait InventoryStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Stock, StoreError>>;
     /// Reserves units atomically; with an idempotency key, at most once per key.
     fn reserve(&self, request: ReserveStock) -> BoxFuture<'_, Result<Reserved, StoreError>>;
+    /// Reserves every line of an order in one transaction, all or none; with an idempotency
+    /// key, at most once per key (each line also under its own [`ReserveOrder::line_key`]).
+    fn reserve_order(
+        &self,
+        request: ReserveOrder,
+    ) -> BoxFuture<'_, Result<ReservedOrder, StoreError>>;
     /// Releases a reservation (idempotent); returns its final status.
     fn release(&self, id: Uuid) -> BoxFuture<'_, Result<ReservationStatus, StoreError>>;
     /// Expires every reservation still held past its time; returns how many.
@@ -322,6 +464,77 @@ pub(crate) fn replay(earlier: Reservation, request: &ReserveStock) -> Result<Res
         reservation: earlier,
         replayed: true,
     })
+}
+
+/// The answer to a whole-order `request` whose key already names an earlier whole order of
+/// `earlier_lines` lines, of which `found` are the reservations stored under the request's line
+/// keys (in any order).
+///
+/// # Errors
+/// [`StoreError::KeyReused`] unless the earlier order had exactly the request's lines: the same
+/// SKUs with the same quantities.
+pub(crate) fn replay_order(
+    request: &ReserveOrder,
+    earlier_lines: usize,
+    mut found: Vec<Reservation>,
+) -> Result<ReservedOrder, StoreError> {
+    if earlier_lines != request.lines.len() || found.len() != request.lines.len() {
+        return Err(StoreError::KeyReused);
+    }
+    let mut reservations = Vec::with_capacity(found.len());
+    for line in &request.lines {
+        let at = found
+            .iter()
+            .position(|r| r.sku == line.sku && r.qty == line.qty.get())
+            .ok_or(StoreError::KeyReused)?;
+        reservations.push(found.swap_remove(at));
+    }
+    Ok(ReservedOrder {
+        reservations,
+        replayed: true,
+    })
+}
+
+/// Why a whole-order `request` reserved nothing. `failed` is the index of the line whose
+/// conditional update took nothing; `untried` the indices of the lines the transaction had not
+/// reached yet; `stocks` the stock of those lines (and of `failed`), as read after the failure.
+/// Lines the transaction had already reserved were available and are not named.
+///
+/// An unknown SKU wins over short stock, since it is permanent (`failed`'s first, else the first
+/// in request order); otherwise every short line is named, in request order, `failed` always
+/// among them.
+pub(crate) fn order_refusal(
+    request: &ReserveOrder,
+    failed: usize,
+    untried: &[usize],
+    stocks: &[Stock],
+) -> StoreError {
+    let stock_of = |i: usize| {
+        stocks
+            .iter()
+            .find(|stock| stock.sku == request.lines[i].sku)
+    };
+    let mut unreserved: Vec<usize> = untried.iter().copied().chain([failed]).collect();
+    unreserved.sort_unstable();
+    if stock_of(failed).is_none() {
+        return StoreError::UnknownSku(request.lines[failed].sku.clone());
+    }
+    if let Some(&unknown) = unreserved.iter().find(|&&i| stock_of(i).is_none()) {
+        return StoreError::UnknownSku(request.lines[unknown].sku.clone());
+    }
+    let shortages = unreserved
+        .into_iter()
+        .filter_map(|i| {
+            let (line, stock) = (&request.lines[i], stock_of(i)?);
+            let requested = line.qty.get();
+            (i == failed || stock.available < i64::from(requested)).then(|| Shortage {
+                sku: line.sku.clone(),
+                requested,
+                available: stock.available.max(0),
+            })
+        })
+        .collect();
+    StoreError::OrderShort(shortages)
 }
 
 /// Why `request` reserved nothing, given its SKU's stock as it was then.

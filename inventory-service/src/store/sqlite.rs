@@ -19,8 +19,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    Applied, InventoryStore, OrderEvent, ReserveStock, Reserved, StoreError, Transition,
-    below_reserved, cancelling, check_level, check_line, placing, refusal, replay,
+    Applied, InventoryStore, OrderEvent, ReserveOrder, ReserveStock, Reserved, ReservedOrder,
+    StoreError, Transition, below_reserved, cancelling, check_level, check_line, order_refusal,
+    placing, refusal, replay, replay_order,
 };
 use crate::domain::{IdempotencyKey, Reservation, ReservationStatus, Stock};
 
@@ -160,29 +161,41 @@ fn apply(
 }
 
 /// Why a reservation transaction made no new reservation. Either way it is rolled back, giving
-/// back the units its first statement may have taken; a replay is still an answer.
-enum NotReserved {
+/// back the units its first statements may have taken; a replay (of one line, `T = Reserved`, or
+/// of a whole order) is still an answer.
+enum NotReserved<T = Reserved> {
     /// The idempotency key names an earlier reservation, the answer to this request.
-    Replayed(Reserved),
+    Replayed(T),
     /// The request is refused, or the database failed.
     Failed(StoreError),
 }
 
-impl From<StoreError> for NotReserved {
+impl<T> From<StoreError> for NotReserved<T> {
     fn from(error: StoreError) -> Self {
         Self::Failed(error)
     }
 }
 
-impl From<DatabaseError> for NotReserved {
+impl<T> From<DatabaseError> for NotReserved<T> {
     fn from(error: DatabaseError) -> Self {
         Self::Failed(error.into())
     }
 }
 
-impl From<rusqlite::Error> for NotReserved {
+impl<T> From<rusqlite::Error> for NotReserved<T> {
     fn from(error: rusqlite::Error) -> Self {
         Self::Failed(error.into())
+    }
+}
+
+impl<T> NotReserved<T> {
+    /// The store's answer to a rolled-back reservation transaction.
+    fn answer(outcome: Result<T, WriteError<Self>>) -> Result<T, StoreError> {
+        match outcome {
+            Ok(reserved) | Err(WriteError::Aborted(Self::Replayed(reserved))) => Ok(reserved),
+            Err(WriteError::Aborted(Self::Failed(error))) => Err(error),
+            Err(WriteError::Database(error)) => Err(error.into()),
+        }
     }
 }
 
@@ -249,14 +262,23 @@ impl InventoryStore for SqliteInventoryStore {
             // key waits for the lock and then finds this reservation. The common case costs two
             // statements: take the units if enough are available, then record the reservation.
             // This is the hottest write of the order path.
-            let outcome = self.db.write(move |tx| reserve_in(tx, request)).await;
-            match outcome {
-                Ok(reserved) | Err(WriteError::Aborted(NotReserved::Replayed(reserved))) => {
-                    Ok(reserved)
-                }
-                Err(WriteError::Aborted(NotReserved::Failed(error))) => Err(error),
-                Err(WriteError::Database(error)) => Err(error.into()),
-            }
+            NotReserved::answer(self.db.write(move |tx| reserve_in(tx, request)).await)
+        })
+    }
+
+    fn reserve_order(
+        &self,
+        request: ReserveOrder,
+    ) -> BoxFuture<'_, Result<ReservedOrder, StoreError>> {
+        Box::pin(async move {
+            // The whole order is one hand-off to the writer thread and one transaction, however
+            // many lines: the statements are in-process calls, the transaction's commit is the
+            // cost, and the order pays it once instead of once per line.
+            NotReserved::answer(
+                self.db
+                    .write(move |tx| reserve_order_in(tx, &request))
+                    .await,
+            )
         })
     }
 
@@ -366,16 +388,7 @@ impl InventoryStore for SqliteInventoryStore {
 /// so the transaction is rolled back.
 fn reserve_in(tx: &Transaction<'_>, request: ReserveStock) -> Result<Reserved, NotReserved> {
     let qty = request.qty.get();
-    let remaining: Option<i64> = tx
-        .prepare_cached(
-            "UPDATE stock SET reserved = reserved + ?1 \
-             WHERE sku = ?2 AND on_hand - reserved >= ?1 \
-             RETURNING on_hand - reserved AS remaining",
-        )?
-        .query_row(params![i64::from(qty), request.sku], |row| {
-            row.get("remaining")
-        })
-        .optional()?;
+    let remaining = take_units(tx, &request.sku, qty)?;
     if let Some(remaining) = remaining {
         let reservation = Reservation {
             id: Uuid::new_v4(),
@@ -439,6 +452,157 @@ fn reserve_in(tx: &Transaction<'_>, request: ReserveStock) -> Result<Reserved, N
         .optional()?
         .transpose()?;
     Err(NotReserved::Failed(refusal(request, stock)))
+}
+
+/// Takes `qty` units of `sku` if that many are available; `None` when it is short or unknown.
+fn take_units(tx: &Transaction<'_>, sku: &str, qty: u32) -> Result<Option<i64>, rusqlite::Error> {
+    tx.prepare_cached(
+        "UPDATE stock SET reserved = reserved + ?1 \
+         WHERE sku = ?2 AND on_hand - reserved >= ?1 \
+         RETURNING on_hand - reserved AS remaining",
+    )?
+    .query_row(params![i64::from(qty), sku], |row| row.get("remaining"))
+    .optional()
+}
+
+/// A whole-order reservation inside the caller's transaction, all lines or none. Anything but
+/// a new reservation of every line is an `Err`, so the transaction is rolled back.
+///
+/// The lines are taken in request order: the writer thread runs one transaction at a time, so
+/// there is no lock order to keep (PostgreSQL's store takes them in SKU order).
+fn reserve_order_in(
+    tx: &Transaction<'_>,
+    request: &ReserveOrder,
+) -> Result<ReservedOrder, NotReserved<ReservedOrder>> {
+    let lines = request.lines();
+    let mut remaining = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match take_units(tx, &line.sku, line.qty.get())? {
+            Some(left) => remaining.push(left),
+            None => return Err(order_not_reserved(tx, request, Some(i))),
+        }
+    }
+    if let Some(key) = request.idempotency_key() {
+        // The order's own row: its PRIMARY KEY turns a replay (or the key reused for other SKUs)
+        // into "nothing inserted", answered below before this transaction inserts anything.
+        let claimed = tx
+            .prepare_cached(
+                "INSERT INTO order_reservations (idempotency_key, order_id, lines, created_at_ms) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+            )?
+            .execute(params![
+                key.as_str(),
+                request.order_id().to_string(),
+                i64::try_from(lines.len()).unwrap_or(i64::MAX),
+                millis(request.now()),
+            ])?;
+        if claimed == 0 {
+            return Err(order_not_reserved(tx, request, None));
+        }
+    }
+    let mut reservations = Vec::with_capacity(lines.len());
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO reservations (id, sku, qty, order_id, idempotency_key, status, \
+         remaining_after, created_at_ms, expires_at_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )?;
+    for (line, remaining_after) in lines.iter().zip(remaining) {
+        let reservation = Reservation {
+            id: Uuid::new_v4(),
+            sku: line.sku.clone(),
+            qty: line.qty.get(),
+            order_id: Some(request.order_id()),
+            status: ReservationStatus::Reserved,
+            remaining_after,
+            // Stored in milliseconds: answer what a replay will read back.
+            expires_at: from_millis(millis(request.expires_at())),
+        };
+        let inserted = insert.execute(params![
+            reservation.id.to_string(),
+            reservation.sku,
+            i64::from(reservation.qty),
+            request.order_id().to_string(),
+            request.line_key(&line.sku),
+            reservation.status.as_str(),
+            reservation.remaining_after,
+            millis(request.now()),
+            millis(reservation.expires_at),
+        ])?;
+        if inserted == 0 {
+            // The line's key names a reservation that no whole order under this key made (the
+            // order's row was free): a one-line request used it. Refused, not merged.
+            return Err(NotReserved::Failed(StoreError::KeyReused));
+        }
+        reservations.push(reservation);
+    }
+    Ok(ReservedOrder {
+        reservations,
+        replayed: false,
+    })
+}
+
+/// Why a whole order reserved nothing, read inside its transaction before anything was inserted
+/// (so what it reads is the state its updates met): the replay of an earlier order under the same
+/// key, else the refusal of line `failed` (`None`: no line was short, the key was taken).
+fn order_not_reserved(
+    tx: &Transaction<'_>,
+    request: &ReserveOrder,
+    failed: Option<usize>,
+) -> NotReserved<ReservedOrder> {
+    match order_answer(tx, request, failed) {
+        Ok(replayed) => NotReserved::Replayed(replayed),
+        Err(error) => NotReserved::Failed(error),
+    }
+}
+
+fn order_answer(
+    tx: &Transaction<'_>,
+    request: &ReserveOrder,
+    failed: Option<usize>,
+) -> Result<ReservedOrder, StoreError> {
+    if let Some(key) = request.idempotency_key() {
+        let earlier_lines: Option<i64> = tx
+            .prepare_cached("SELECT lines FROM order_reservations WHERE idempotency_key = ?")?
+            .query_row([key.as_str()], |row| row.get("lines"))
+            .optional()?;
+        if let Some(earlier_lines) = earlier_lines {
+            let mut find = tx.prepare_cached(&format!(
+                "SELECT {RESERVATION_COLUMNS} WHERE idempotency_key = ?"
+            ))?;
+            let mut found = Vec::new();
+            for line in request.lines() {
+                let earlier = find
+                    .query_row([request.line_key(&line.sku)], |row| {
+                        Ok(reservation_from_row(row))
+                    })
+                    .optional()?
+                    .transpose()?;
+                found.extend(earlier);
+            }
+            return replay_order(
+                request,
+                usize::try_from(earlier_lines).unwrap_or(usize::MAX),
+                found,
+            );
+        }
+    }
+    let Some(failed) = failed else {
+        return Err(StoreError::KeyReused);
+    };
+    // The lines from `failed` on were not reserved by this transaction: their stock is as the
+    // updates met it.
+    let untried: Vec<usize> = (failed + 1..request.lines().len()).collect();
+    let mut read = tx.prepare_cached(STOCK_BY_SKU)?;
+    let mut stocks = Vec::new();
+    for &i in untried.iter().chain([&failed]) {
+        let stock = read
+            .query_row([&request.lines()[i].sku], |row| Ok(stock_from_row(row)))
+            .optional()?
+            .transpose()?;
+        stocks.extend(stock);
+    }
+    Err(order_refusal(request, failed, &untried, &stocks))
 }
 
 /// `order.placed` inside the caller's transaction: records `message_id` in the inbox and

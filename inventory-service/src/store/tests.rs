@@ -334,3 +334,229 @@ async fn cancelling_a_placed_order_puts_its_units_back_on_hand(store: &dyn Inven
     assert_eq!(stock(store, "BK-12").await, Stock::new("BK-12", 100, 0));
     assert!(store.ping().await.is_ok());
 }
+
+/// A whole order of `lines` (sku, qty) for a new order ID, under `key` if given.
+pub(crate) fn order(lines: &[(&str, u32)], key: Option<&str>) -> ReserveOrder {
+    order_for(Uuid::new_v4(), lines, key)
+}
+
+pub(crate) fn order_for(order_id: Uuid, lines: &[(&str, u32)], key: Option<&str>) -> ReserveOrder {
+    let now = OffsetDateTime::now_utc();
+    ReserveOrder::new(
+        order_id,
+        lines
+            .iter()
+            .map(|&(sku, qty)| OrderLine {
+                sku: sku.to_owned(),
+                qty: Quantity::parse(&Number::from(qty)).expect("valid qty"),
+            })
+            .collect(),
+        key.map(|key| IdempotencyKey::parse(key.as_bytes()).expect("valid key")),
+        now,
+        now + time::Duration::minutes(10),
+    )
+    .expect("a valid order")
+}
+
+on_both_backends!(a_whole_order_reserves_every_line_in_request_order);
+async fn a_whole_order_reserves_every_line_in_request_order(store: &dyn InventoryStore) {
+    let order_id = Uuid::new_v4();
+
+    let reserved = store
+        .reserve_order(order_for(
+            order_id,
+            &[("TS-33", 1), ("BK-12", 2), ("MG-07", 3)],
+            None,
+        ))
+        .await
+        .expect("reserved");
+
+    assert!(!reserved.replayed);
+    let lines: Vec<(&str, u32, i64)> = reserved
+        .reservations
+        .iter()
+        .map(|r| (r.sku.as_str(), r.qty, r.remaining_after))
+        .collect();
+    assert_eq!(
+        lines,
+        [("TS-33", 1, 24), ("BK-12", 2, 98), ("MG-07", 3, 47)]
+    );
+    assert!(
+        reserved
+            .reservations
+            .iter()
+            .all(|r| r.order_id == Some(order_id))
+    );
+    assert_eq!(stock(store, "MG-07").await, Stock::new("MG-07", 50, 3));
+    // Each line is an ordinary reservation: an order event commits it.
+    let lines: Vec<EventLine> = reserved.reservations.iter().map(line).collect();
+    store
+        .commit_order(Uuid::new_v4(), lines)
+        .await
+        .expect("commits");
+    assert_eq!(stock(store, "BK-12").await, Stock::new("BK-12", 98, 0));
+}
+
+on_both_backends!(a_short_line_reserves_nothing_of_the_order_and_names_every_short_line);
+async fn a_short_line_reserves_nothing_of_the_order_and_names_every_short_line(
+    store: &dyn InventoryStore,
+) {
+    let refused = store
+        .reserve_order(order(
+            &[("BK-12", 2), ("HD-44", 4), ("MG-07", 1), ("TS-33", 26)],
+            Some("order-short"),
+        ))
+        .await;
+
+    let Err(StoreError::OrderShort(shortages)) = refused else {
+        panic!("expected a shortage, got {refused:?}");
+    };
+    assert_eq!(
+        shortages,
+        [
+            Shortage {
+                sku: "HD-44".to_owned(),
+                requested: 4,
+                available: 3
+            },
+            Shortage {
+                sku: "TS-33".to_owned(),
+                requested: 26,
+                available: 25
+            },
+        ]
+    );
+    for (sku, on_hand) in [("BK-12", 100), ("HD-44", 3), ("MG-07", 50), ("TS-33", 25)] {
+        assert_eq!(
+            stock(store, sku).await,
+            Stock::new(sku, on_hand, 0),
+            "{sku}"
+        );
+    }
+    // Refusals are not remembered: with stock back, the same key reserves.
+    store.set_on_hand("HD-44", 10).await.expect("restocks");
+    store.set_on_hand("TS-33", 30).await.expect("restocks");
+    let reserved = store
+        .reserve_order(order(
+            &[("BK-12", 2), ("HD-44", 4), ("MG-07", 1), ("TS-33", 26)],
+            Some("order-short"),
+        ))
+        .await
+        .expect("reserved");
+    assert!(!reserved.replayed);
+}
+
+on_both_backends!(an_unknown_sku_in_an_order_reserves_nothing_and_is_named);
+async fn an_unknown_sku_in_an_order_reserves_nothing_and_is_named(store: &dyn InventoryStore) {
+    // The unknown line comes after a short one and in SKU order after the known ones: it is
+    // still what the answer names, since it is permanent.
+    let refused = store
+        .reserve_order(order(&[("BK-12", 1), ("HD-44", 9), ("ZZ-99", 1)], None))
+        .await;
+
+    assert!(
+        matches!(&refused, Err(StoreError::UnknownSku(sku)) if sku == "ZZ-99"),
+        "{refused:?}"
+    );
+    assert_eq!(stock(store, "BK-12").await, Stock::new("BK-12", 100, 0));
+    assert_eq!(stock(store, "HD-44").await, Stock::new("HD-44", 3, 0));
+}
+
+on_both_backends!(replaying_an_order_answers_its_reservations_and_reserves_nothing_more);
+async fn replaying_an_order_answers_its_reservations_and_reserves_nothing_more(
+    store: &dyn InventoryStore,
+) {
+    let order_id = Uuid::new_v4();
+    let key = order_id.to_string();
+    let lines = [("HD-44", 2), ("BK-12", 1)];
+    let first = store
+        .reserve_order(order_for(order_id, &lines, Some(&key)))
+        .await
+        .expect("reserved");
+
+    // Only 1 hoodie is left, so a new reservation of the order would be refused.
+    let replay = store
+        .reserve_order(order_for(order_id, &lines, Some(&key)))
+        .await
+        .expect("replayed");
+
+    assert!(replay.replayed);
+    assert_eq!(replay.reservations, first.reservations);
+    assert_eq!(stock(store, "HD-44").await, Stock::new("HD-44", 3, 2));
+    assert_eq!(stock(store, "BK-12").await, Stock::new("BK-12", 100, 1));
+    // Each line is keyed as a one-line call for the order would be: its replay answers the line.
+    let line_replay = store
+        .reserve(ReserveStock {
+            idempotency_key: Some(
+                IdempotencyKey::parse(format!("{order_id}:BK-12").as_bytes()).expect("key"),
+            ),
+            ..request("BK-12", 1, time::Duration::minutes(10))
+        })
+        .await
+        .expect("replayed");
+    assert!(line_replay.replayed);
+    assert_eq!(line_replay.reservation, first.reservations[1]);
+}
+
+on_both_backends!(an_order_key_reused_for_other_lines_is_refused_and_reserves_nothing);
+async fn an_order_key_reused_for_other_lines_is_refused_and_reserves_nothing(
+    store: &dyn InventoryStore,
+) {
+    store
+        .reserve_order(order(&[("BK-12", 1), ("MG-07", 1)], Some("order-9")))
+        .await
+        .expect("reserved");
+
+    for other in [
+        vec![("BK-12", 1)],
+        vec![("BK-12", 1), ("MG-07", 2)],
+        vec![("BK-12", 1), ("TS-33", 1)],
+        vec![("BK-12", 1), ("MG-07", 1), ("TS-33", 1)],
+    ] {
+        let refused = store.reserve_order(order(&other, Some("order-9"))).await;
+        assert!(
+            matches!(refused, Err(StoreError::KeyReused)),
+            "{other:?}: {refused:?}"
+        );
+    }
+    // A line key a one-line call took is not merged into a whole order either.
+    store
+        .reserve(ReserveStock {
+            idempotency_key: Some(IdempotencyKey::parse(b"order-10:ST-01").expect("key")),
+            ..request("ST-01", 1, time::Duration::minutes(10))
+        })
+        .await
+        .expect("reserved");
+    let refused = store
+        .reserve_order(order(&[("ST-01", 1), ("TS-33", 1)], Some("order-10")))
+        .await;
+    assert!(matches!(refused, Err(StoreError::KeyReused)), "{refused:?}");
+
+    assert_eq!(stock(store, "BK-12").await, Stock::new("BK-12", 100, 1));
+    assert_eq!(stock(store, "MG-07").await, Stock::new("MG-07", 50, 1));
+    assert_eq!(stock(store, "TS-33").await, Stock::new("TS-33", 25, 0));
+    assert_eq!(stock(store, "ST-01").await, Stock::new("ST-01", 500, 1));
+}
+
+#[test]
+fn an_order_needs_one_to_a_hundred_distinct_skus() {
+    let now = OffsetDateTime::now_utc();
+    let lines = |n: usize, sku: fn(usize) -> String| -> Vec<OrderLine> {
+        (0..n)
+            .map(|i| OrderLine {
+                sku: sku(i),
+                qty: Quantity::parse(&Number::from(1)).expect("valid"),
+            })
+            .collect()
+    };
+    let build = |lines| ReserveOrder::new(Uuid::new_v4(), lines, None, now, now);
+
+    assert!(build(lines(MAX_ORDER_LINES, |i| format!("S-{i}"))).is_ok());
+    let empty = build(Vec::new()).expect_err("no lines");
+    let many = build(lines(MAX_ORDER_LINES + 1, |i| format!("S-{i}"))).expect_err("too many");
+    let twice = build(lines(2, |_| "BK-12".to_owned())).expect_err("a sku twice");
+
+    assert!(empty.contains("1 to 100"), "{empty}");
+    assert!(many.contains("got 101"), "{many}");
+    assert!(twice.contains("BK-12 appears more than once"), "{twice}");
+}

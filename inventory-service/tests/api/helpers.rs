@@ -125,6 +125,21 @@ impl TestApp {
         self.reserve_raw(body, key).await
     }
 
+    /// `POST /reserve` of a whole order: `lines` of (sku, qty) for `order_id`.
+    pub async fn reserve_order(
+        &self,
+        order_id: Uuid,
+        lines: &[(&str, u32)],
+        key: Option<&str>,
+    ) -> Response {
+        let items: Vec<Value> = lines
+            .iter()
+            .map(|(sku, qty)| serde_json::json!({ "sku": sku, "qty": qty }))
+            .collect();
+        let body = serde_json::json!({ "orderId": order_id, "items": items }).to_string();
+        self.reserve_raw(body, key).await
+    }
+
     /// Reserves and returns the reservation JSON (asserting `200`).
     pub async fn reserved(&self, sku: &str, qty: u32) -> Value {
         let response = self.reserve(sku, qty, None).await;

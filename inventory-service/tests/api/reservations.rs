@@ -249,3 +249,152 @@ async fn an_uncommitted_reservation_expires_and_returns_its_units_while_a_commit
     );
     app.teardown().await;
 }
+
+#[tokio::test]
+async fn a_whole_order_is_reserved_in_one_call_answering_each_line_in_request_order() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+
+    let response = app
+        .reserve_order(order_id, &[("MG-07", 2), ("BK-12", 3)], None)
+        .await;
+
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["orderId"], order_id.to_string());
+    let reservations = body["reservations"].as_array().expect("a list");
+    assert_eq!(reservations.len(), 2);
+    for (reservation, (sku, qty, remaining)) in reservations
+        .iter()
+        .zip([("MG-07", 2, 48), ("BK-12", 3, 97)])
+    {
+        assert_eq!(reservation["sku"], sku);
+        assert_eq!(reservation["reserved"], qty);
+        assert_eq!(reservation["remaining"], remaining);
+        assert!(reservation["reservationId"].is_string());
+        assert!(reservation["expiresAt"].is_string());
+    }
+    assert_eq!(app.stock("MG-07").await["reserved"], 2);
+    assert_eq!(app.stock("BK-12").await["reserved"], 3);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_order_with_a_short_line_is_a_409_naming_it_and_reserves_nothing() {
+    let app = spawn_app().await;
+
+    let response = app
+        .reserve_order(Uuid::new_v4(), &[("BK-12", 1), ("HD-44", 5)], None)
+        .await;
+
+    assert_eq!(response.status(), 409);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.expect("JSON");
+    // The one-line 409's fields, for the first short line, and every short line.
+    assert_eq!(problem["sku"], "HD-44");
+    assert_eq!(problem["requested"], 5);
+    assert_eq!(problem["available"], 3);
+    assert_eq!(
+        problem["shortages"],
+        json!([{"sku": "HD-44", "requested": 5, "available": 3}])
+    );
+    assert_eq!(app.stock("BK-12").await["reserved"], 0);
+    assert_eq!(app.stock("HD-44").await["reserved"], 0);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn an_order_with_an_unknown_sku_is_a_404_naming_it_and_reserves_nothing() {
+    let app = spawn_app().await;
+
+    let response = app
+        .reserve_order(Uuid::new_v4(), &[("BK-12", 1), ("NOPE-2", 1)], None)
+        .await;
+
+    assert_eq!(response.status(), 404);
+    let problem: Value = response.json().await.expect("JSON");
+    assert_eq!(problem["sku"], "NOPE-2");
+    assert_eq!(app.stock("BK-12").await["reserved"], 0);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn replaying_an_order_answers_the_same_reservations_and_reserves_once() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    let key = order_id.to_string();
+    let lines = [("TS-33", 1), ("ST-01", 4)];
+
+    let first = app.reserve_order(order_id, &lines, Some(&key)).await;
+    let replay = app.reserve_order(order_id, &lines, Some(&key)).await;
+    let other = app
+        .reserve_order(order_id, &[("TS-33", 1), ("ST-01", 5)], Some(&key))
+        .await;
+
+    assert_eq!(first.status(), 200);
+    assert_eq!(replay.status(), 200);
+    let first: Value = first.json().await.expect("JSON");
+    assert_eq!(replay.json::<Value>().await.expect("JSON"), first);
+    assert_eq!(other.status(), 422, "the key with another body");
+    // The line's own key is the one a one-line call for the order carries.
+    let line: Value = app
+        .reserve("ST-01", 4, Some(&format!("{order_id}:ST-01")))
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(line, first["reservations"][1]);
+    assert_eq!(app.stock("TS-33").await["reserved"], 1);
+    assert_eq!(app.stock("ST-01").await["reserved"], 4);
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_neither_one_line_nor_a_whole_order_is_a_422_saying_which_shapes_exist() {
+    let app = spawn_app().await;
+    let order_id = Uuid::new_v4();
+    let many: Vec<Value> = (0..101)
+        .map(|i| json!({"sku": format!("S-{i}"), "qty": 1}))
+        .collect();
+
+    for (body, needle) in [
+        (json!({}), "either one line"),
+        (json!({"orderId": order_id}), "either one line"),
+        (
+            json!({"sku": "BK-12", "qty": 1, "orderId": order_id, "items": []}),
+            "cannot be combined",
+        ),
+        (
+            json!({"items": [{"sku": "BK-12", "qty": 1}]}),
+            "needs its orderId",
+        ),
+        (
+            json!({"orderId": order_id, "items": []}),
+            "1 to 100 lines, got 0",
+        ),
+        (json!({"orderId": order_id, "items": many}), "got 101"),
+        (
+            json!({"orderId": order_id, "items": [{"sku": "BK-12", "qty": 1}, {"sku": "BK-12", "qty": 2}]}),
+            "BK-12 appears more than once",
+        ),
+        (
+            json!({"orderId": order_id, "items": [{"sku": "BK-12", "qty": 1}, {"sku": "MG-07", "qty": 0}]}),
+            "items[1]: qty must be a positive integer",
+        ),
+        (
+            json!({"orderId": order_id, "items": [{"sku": "BK-12"}]}),
+            "qty",
+        ),
+    ] {
+        let response = app.reserve_raw(body.to_string(), None).await;
+        assert_eq!(response.status(), 422, "{body}");
+        let problem: Value = response.json().await.expect("JSON");
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(needle), "{body}: {detail}");
+    }
+    assert_eq!(app.stock("BK-12").await["reserved"], 0);
+    app.teardown().await;
+}
