@@ -1,11 +1,14 @@
-//! Placing an order (DESIGN §5 flow 1): price and reserve every line concurrently, compensate on
-//! failure, store the order with its `order.placed` event in one transaction.
+//! Placing an order (DESIGN §5 flow 1): price every line and reserve the whole order
+//! concurrently, compensate on failure, store the order with its `order.placed` event in one
+//! transaction.
 //!
 //! ```text
-//! claim Idempotency-Key ─► price all lines ─┐ (concurrently)
-//!                          reserve all lines┘
-//!                 any line failed? ─► release what was reserved ─► give the key back ─► error
-//!                 all good         ─► store order + outbox row ─► wake the relay ─► order
+//! claim Idempotency-Key ─► price all lines ─────────────────────┐ (concurrently)
+//!                          reserve all lines: ONE call, all or none┘
+//!   any failure? ─► release what was reserved ─► give the key back ─► error
+//!                   (reserve had no answer? replay it, same key, to learn what to release;
+//!                    a short line or an unknown SKU reserved nothing: nothing to release)
+//!   all good     ─► store order + outbox row ─► wake the relay ─► order
 //! ```
 //!
 //! Once begun, the flow runs in its own task: if the caller stops waiting (its deadline passes,
@@ -298,44 +301,42 @@ impl OrderPlacement {
     ) -> Result<Order, PlacementError> {
         let lines = request.lines();
         let pricing = join_all(lines.iter().map(|line| self.price_line(&line.sku)));
-        let reserving = join_all(
-            lines
-                .iter()
-                .map(|line| self.inventory.reserve(order_id, &line.sku, line.qty)),
-        );
-        // Wait for every call, even after one fails: compensation must know every reservation
-        // that was made, and a dropped in-flight reserve could complete unseen.
-        let (prices, reservations) = futures::join!(pricing, reserving);
+        let items = sku_qty(lines);
+        let reserving = self.inventory.reserve_order(order_id, &items);
+        // Wait for both, even after one fails: compensation must know the reservations that
+        // were made, and a dropped in-flight reserve could complete unseen.
+        let (prices, reservation) = futures::join!(pricing, reserving);
 
         let mut reserved = Vec::new();
-        let mut unknown = Vec::new();
+        let mut outcome_unknown = false;
         let mut failure: Option<PlacementError> = None;
         let mut record = |error: PlacementError| {
             if failure.as_ref().is_none_or(|f| error.rank() < f.rank()) {
                 failure = Some(error);
             }
         };
-        let mut priced = Vec::with_capacity(lines.len());
-        for ((line, price), reservation) in lines.iter().zip(prices).zip(reservations) {
-            match reservation {
-                Ok(r) => reserved.push(r.reservation_id),
-                Err(ReserveError::Short {
-                    requested,
-                    available,
-                }) => record(PlacementError::OutOfStock {
-                    sku: line.sku.clone(),
-                    requested,
-                    available,
-                }),
-                Err(ReserveError::UnknownSku) => {
-                    record(PlacementError::UnknownSku(line.sku.clone()));
-                }
-                Err(ReserveError::Rejected(error)) => record(PlacementError::Inventory(error)),
-                Err(ReserveError::Unknown(error)) => {
-                    unknown.push(line.clone());
-                    record(PlacementError::Inventory(error));
-                }
+        match reservation {
+            Ok(reservations) => reserved = reservations.iter().map(|r| r.reservation_id).collect(),
+            // All or none at inventory: a refusal reserved nothing, so there is nothing to
+            // release.
+            Err(ReserveError::Short {
+                sku,
+                requested,
+                available,
+            }) => record(PlacementError::OutOfStock {
+                sku,
+                requested,
+                available,
+            }),
+            Err(ReserveError::UnknownSku(sku)) => record(PlacementError::UnknownSku(sku)),
+            Err(ReserveError::Rejected(error)) => record(PlacementError::Inventory(error)),
+            Err(ReserveError::Unknown(error)) => {
+                outcome_unknown = true;
+                record(PlacementError::Inventory(error));
             }
+        }
+        let mut priced = Vec::with_capacity(lines.len());
+        for price in prices {
             match price {
                 Ok(price) => priced.push(price),
                 Err(error) => record(error),
@@ -357,6 +358,7 @@ impl OrderPlacement {
             None => self.store(order_id, lines, priced, &reserved).await,
         };
         if let Err(error) = &outcome {
+            let unknown = outcome_unknown.then(|| lines.to_vec());
             self.compensate_within_deadline(order_id, reserved, unknown, error)
                 .await;
         }
@@ -457,7 +459,7 @@ impl OrderPlacement {
         &self,
         order_id: Uuid,
         reserved: Vec<Uuid>,
-        unknown: Vec<RequestedLine>,
+        unknown: Option<Vec<RequestedLine>>,
         cause: &PlacementError,
     ) {
         let this = self.clone();
@@ -479,46 +481,49 @@ impl OrderPlacement {
         }
     }
 
-    /// Releases every reservation this attempt made. Lines whose reserve call had no definite
-    /// answer are looked up first by replaying the reserve with the same idempotency key (which
-    /// returns the original reservation if it exists) and then released.
+    /// Releases every reservation this attempt made. When the reserve call had no definite
+    /// answer (`unknown` holds the order's lines), its reservations are learnt first by replaying
+    /// the call with the same idempotency key (which answers the original reservations if they
+    /// were made, or makes them now, to be released at once) and then released.
     async fn compensate(
         &self,
         order_id: Uuid,
         reserved: Vec<Uuid>,
-        unknown: Vec<RequestedLine>,
+        unknown: Option<Vec<RequestedLine>>,
         cause: &str,
     ) {
-        if reserved.is_empty() && unknown.is_empty() {
+        if reserved.is_empty() && unknown.is_none() {
             return;
         }
         tracing::warn!(
             %order_id,
             %cause,
             reserved = reserved.len(),
-            unknown = unknown.len(),
+            outcome_unknown = unknown.is_some(),
             "order failed; releasing its reservations (compensation)"
         );
-        let releases = reserved.into_iter().map(|id| self.release(id));
-        let lookups = unknown.iter().map(|line| async move {
-            match self.inventory.reserve(order_id, &line.sku, line.qty).await {
-                Ok(found) => self.release(found.reservation_id).await,
-                Err(ReserveError::Unknown(error)) => tracing::warn!(
-                    %order_id,
-                    sku = %line.sku,
-                    %error,
-                    "cannot find out whether a reservation exists; leaving it to expire"
-                ),
-                // Definitely nothing reserved under this key.
-                Err(_) => {}
+        let compensation = async {
+            let mut reserved = reserved;
+            if let Some(lines) = &unknown {
+                match self
+                    .inventory
+                    .reserve_order(order_id, &sku_qty(lines))
+                    .await
+                {
+                    Ok(found) => reserved.extend(found.iter().map(|r| r.reservation_id)),
+                    Err(ReserveError::Unknown(error)) => tracing::warn!(
+                        %order_id,
+                        %error,
+                        "cannot find out whether the order's reservations exist; leaving them to expire"
+                    ),
+                    // Definitely nothing reserved under this key.
+                    Err(_) => {}
+                }
             }
-        });
+            join_all(reserved.into_iter().map(|id| self.release(id))).await;
+        };
         // A fresh budget: the request's own deadline may be what failed the order.
-        deadline::scope(
-            Deadline::after(COMPENSATION_BUDGET),
-            futures::future::join(join_all(releases), join_all(lookups)),
-        )
-        .await;
+        deadline::scope(Deadline::after(COMPENSATION_BUDGET), compensation).await;
     }
 
     async fn release(&self, reservation_id: Uuid) {
@@ -531,4 +536,13 @@ impl OrderPlacement {
             ),
         }
     }
+}
+
+/// The (sku, qty) pairs inventory's whole-order reserve takes; the lines are already merged, one
+/// per SKU, as it requires.
+fn sku_qty(lines: &[RequestedLine]) -> Vec<(&str, u32)> {
+    lines
+        .iter()
+        .map(|line| (line.sku.as_str(), line.qty))
+        .collect()
 }

@@ -43,6 +43,11 @@ SERVICES = [
 
 SKU = "BK-12"
 ORDER_BODY = json.dumps({"items": [{"sku": SKU, "qty": 1}]}, separators=(",", ":"))
+# A three-line order (scenario a64x3): three distinct SKUs of the seeded catalogue, restocked as
+# BK-12 is, so the cost of an order's lines shows beside the one-line order's.
+ORDER_SKUS_3 = ["BK-12", "MG-07", "ST-01"]
+ORDER_BODY_3 = json.dumps({"items": [{"sku": sku, "qty": 1} for sku in ORDER_SKUS_3]},
+                          separators=(",", ":"))
 # Far more than any run can order, so no order is refused for stock (a 409 would be an error).
 RESTOCK = 100_000_000
 
@@ -132,6 +137,8 @@ class Scenario:
 SCENARIOS = [
     Scenario("a16", "(a) POST /api/orders, 16 conns", "gateway", "/api/orders", 16, ORDER_BODY),
     Scenario("a64", "(a) POST /api/orders, 64 conns", "gateway", "/api/orders", 64, ORDER_BODY),
+    Scenario("a64x3", "(a) POST /api/orders of 3 lines, 64 conns", "gateway", "/api/orders", 64,
+             ORDER_BODY_3),
     Scenario("b", "(b) GET /api/products/BK-12", "gateway", f"/api/products/{SKU}", 64),
     Scenario("c", "(c) GET /prices/BK-12 on pricing", "pricing", f"/prices/{SKU}", 64),
     Scenario("d", "(d) GET /api/prices/BK-12", "gateway", f"/api/prices/{SKU}", 64),
@@ -346,6 +353,10 @@ def wrk(stack: Stack, scenario: Scenario, seconds: float) -> Run:
         raise SystemExit(f"bench: wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     summary = json.loads(line[len("BENCH "):])
     seconds_run = summary["duration_us"] / 1e6
+    if summary["requests"]:
+        services = sum(v for k, v in cpu.items() if k in stack.services)
+        log(f"  CPU per request: {services / summary['requests'] * 1e6:.0f} µs of the services"
+            + (f", {cpu['rabbitmq'] / summary['requests'] * 1e6:.0f} µs of RabbitMQ" if "rabbitmq" in cpu else ""))
     return Run(
         scenario=scenario.key,
         rate=summary["requests"] / seconds_run,
@@ -732,9 +743,10 @@ def main() -> int:
         if postgres:
             postgres.create()
         stack.start()
-        status, body = http("PUT", stack["inventory"].url(f"/stock/{SKU}"), {"onHand": RESTOCK})
-        if status != 200:
-            raise SystemExit(f"bench: restock answered {status}: {body[:300]!r}")
+        for sku in dict.fromkeys([SKU, *ORDER_SKUS_3]):
+            status, body = http("PUT", stack["inventory"].url(f"/stock/{sku}"), {"onHand": RESTOCK})
+            if status != 200:
+                raise SystemExit(f"bench: restock of {sku} answered {status}: {body[:300]!r}")
         status, body = http("POST", stack["gateway"].url("/api/orders"), json.loads(ORDER_BODY))
         if status != 201:
             raise SystemExit(f"bench: a first order answered {status}: {body[:300]!r}")

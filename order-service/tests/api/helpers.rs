@@ -2,6 +2,7 @@
 //! faked by wiremock servers, and a connection to the real RabbitMQ under a namespace of its own
 //! with a recorder of the events the service publishes.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -33,11 +34,93 @@ pub struct TestApp {
     pub inventory: MockServer,
     /// The service's price cache.
     pub prices: PriceCache,
+    /// What the fake inventory's whole-order `POST /reserve` answers for each SKU.
+    stock: StubStock,
     recorded: Arc<Mutex<Vec<IncomingMessage>>>,
     service_broker: Broker,
     events: Broker,
     shutdown: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
+}
+
+/// How the fake inventory treats a SKU; a SKU it was not told about is unknown.
+#[derive(Debug, Clone, Copy)]
+enum StubLine {
+    /// Reserved under this reservation ID (any quantity).
+    Stocked(Uuid),
+    /// Only this many units available: any reservation is short.
+    Short(u32),
+    /// Not kept.
+    Unknown,
+}
+
+type StubStock = Arc<Mutex<HashMap<String, StubLine>>>;
+
+/// Inventory's answer to a whole-order `POST /reserve` body, as the real service gives it: all
+/// lines or none; an unknown SKU is a `404` naming it, else a short line a `409` naming the first
+/// short one (and listing all), else `200` with one reservation per line in request order.
+fn reserve_answer(body: &Value, line: impl Fn(&str) -> StubLine) -> ResponseTemplate {
+    let problem = |status: u16, extra: Value| {
+        let mut problem = json!({ "type": "about:blank", "status": status });
+        if let (Some(problem), Some(extra)) = (problem.as_object_mut(), extra.as_object()) {
+            problem.extend(extra.clone());
+        }
+        ResponseTemplate::new(status)
+            .insert_header("content-type", "application/problem+json")
+            .set_body_json(problem)
+    };
+    let items = body["items"].as_array().cloned().unwrap_or_default();
+    let lines: Vec<(String, Value, StubLine)> = items
+        .iter()
+        .map(|item| {
+            let sku = item["sku"].as_str().unwrap_or_default().to_owned();
+            let answer = line(&sku);
+            (sku, item["qty"].clone(), answer)
+        })
+        .collect();
+    if lines.is_empty() {
+        return problem(422, json!({ "title": "Invalid request" }));
+    }
+    if let Some((sku, ..)) = lines.iter().find(|(.., l)| matches!(l, StubLine::Unknown)) {
+        return problem(404, json!({ "title": "Unknown SKU", "sku": sku }));
+    }
+    let shortages: Vec<Value> = lines
+        .iter()
+        .filter_map(|(sku, qty, l)| match l {
+            StubLine::Short(available) => {
+                Some(json!({ "sku": sku, "requested": qty, "available": available }))
+            }
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = shortages.first() {
+        return problem(
+            409,
+            json!({
+                "title": "Insufficient stock",
+                "sku": first["sku"],
+                "requested": first["requested"],
+                "available": first["available"],
+                "shortages": shortages,
+            }),
+        );
+    }
+    let reservations: Vec<Value> = lines
+        .iter()
+        .map(|(sku, qty, l)| {
+            let StubLine::Stocked(id) = l else {
+                unreachable!("unknown and short lines answered above")
+            };
+            json!({
+                "sku": sku, "reserved": qty, "remaining": 10, "reservationId": id,
+                "expiresAt": "2030-01-01T00:00:00Z",
+            })
+        })
+        .collect();
+    ResponseTemplate::new(200).set_body_json(json!({
+        "orderId": body["orderId"],
+        "reservations": reservations,
+    }))
 }
 
 /// Records every message delivered to the test's own queue.
@@ -81,6 +164,21 @@ pub async fn start_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     shared::testing::init_test_logs();
     let pricing = MockServer::start().await;
     let inventory = MockServer::start().await;
+    let stock = StubStock::default();
+    let known = stock.clone();
+    // The lowest priority, so a test's own `/reserve` mock (a hang, a delay) is matched first.
+    Mock::given(method("POST"))
+        .and(path("/reserve"))
+        .respond_with(move |request: &wiremock::Request| {
+            let body: Value = request.body_json().unwrap_or(Value::Null);
+            let known = known.lock().unwrap_or_else(|e| e.into_inner());
+            reserve_answer(&body, |sku| {
+                known.get(sku).copied().unwrap_or(StubLine::Unknown)
+            })
+        })
+        .with_priority(u8::MAX)
+        .mount(&inventory)
+        .await;
     let namespace = format!("t-{}", Uuid::new_v4());
     let amqp_url = shared::testing::amqp_url();
     let pricing_url = pricing.uri();
@@ -123,6 +221,7 @@ pub async fn start_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         pricing,
         inventory,
         prices,
+        stock,
         recorded,
         service_broker,
         events,
@@ -212,53 +311,37 @@ impl TestApp {
     /// Inventory reserves `sku` (any quantity) under a fixed reservation ID, which is returned.
     pub async fn given_stock(&self, sku: &str) -> Uuid {
         let reservation_id = Uuid::new_v4();
-        reserve_mock(sku, reservation_id)
-            .mount(&self.inventory)
-            .await;
+        self.given_line(sku, StubLine::Stocked(reservation_id));
         reservation_id
     }
 
-    /// Inventory has only `available` units of `sku`: every reservation is short.
+    /// Inventory has only `available` units of `sku`: every order with it is short (and, all or
+    /// none, reserves nothing).
     pub async fn given_short_stock(&self, sku: &str, available: u32) {
-        Mock::given(method("POST"))
-            .and(path("/reserve"))
-            .and(body_partial_json(json!({ "sku": sku })))
-            .respond_with(
-                ResponseTemplate::new(409)
-                    .insert_header("content-type", "application/problem+json")
-                    .set_body_json(json!({
-                        "type": "about:blank",
-                        "title": "Insufficient stock",
-                        "status": 409,
-                        "sku": sku,
-                        "requested": available + 1,
-                        "available": available,
-                    })),
-            )
-            .mount(&self.inventory)
-            .await;
+        self.given_line(sku, StubLine::Short(available));
     }
 
     /// Neither pricing nor inventory knows `sku`.
     pub async fn given_unknown_sku(&self, sku: &str) {
-        let not_found = || {
-            ResponseTemplate::new(404)
-                .insert_header("content-type", "application/problem+json")
-                .set_body_json(
-                    json!({ "type": "about:blank", "title": "Not found", "status": 404 }),
-                )
-        };
         Mock::given(method("GET"))
             .and(path(format!("/prices/{sku}")))
-            .respond_with(not_found())
+            .respond_with(
+                ResponseTemplate::new(404)
+                    .insert_header("content-type", "application/problem+json")
+                    .set_body_json(
+                        json!({ "type": "about:blank", "title": "Not found", "status": 404 }),
+                    ),
+            )
             .mount(&self.pricing)
             .await;
-        Mock::given(method("POST"))
-            .and(path("/reserve"))
-            .and(body_partial_json(json!({ "sku": sku })))
-            .respond_with(not_found())
-            .mount(&self.inventory)
-            .await;
+        self.given_line(sku, StubLine::Unknown);
+    }
+
+    fn given_line(&self, sku: &str, line: StubLine) {
+        self.stock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sku.to_owned(), line);
     }
 
     /// Inventory accepts every release.
@@ -372,21 +455,21 @@ pub fn price_mock(sku: &str, price: f64) -> Mock {
         })))
 }
 
-/// An inventory answer reserving `sku` under `reservation_id`.
+/// An inventory answer reserving a whole order of `sku` under `reservation_id`.
 pub fn reserve_mock(sku: &str, reservation_id: Uuid) -> Mock {
     let sku = sku.to_owned();
     Mock::given(method("POST"))
         .and(path("/reserve"))
-        .and(body_partial_json(json!({ "sku": sku })))
+        .and(body_partial_json(json!({ "items": [{ "sku": sku }] })))
         .respond_with(move |request: &wiremock::Request| {
             let body: Value = request.body_json().unwrap_or(Value::Null);
-            ResponseTemplate::new(200).set_body_json(json!({
-                "sku": sku,
-                "reserved": body["qty"],
-                "remaining": 10,
-                "reservationId": reservation_id,
-                "expiresAt": "2030-01-01T00:00:00Z",
-            }))
+            reserve_answer(&body, |line| {
+                if line == sku {
+                    StubLine::Stocked(reservation_id)
+                } else {
+                    StubLine::Unknown
+                }
+            })
         })
 }
 

@@ -44,16 +44,41 @@ async fn placing_an_order_answers_201_with_priced_lines_a_total_and_its_location
     );
 
     let reserves = app.inventory_calls("/reserve").await;
-    assert_eq!(reserves.len(), 2, "one reservation per line");
-    for (request, body) in &reserves {
-        let sku = body["sku"].as_str().expect("a sku");
-        assert_eq!(body["orderId"], id);
-        assert_eq!(
-            request.headers["idempotency-key"],
-            format!("{id}:{sku}").as_str()
-        );
-        assert_eq!(request.headers["x-correlation-id"], "test-place-order-1");
+    assert_eq!(reserves.len(), 1, "one reserve call for the whole order");
+    let (request, body) = &reserves[0];
+    assert_eq!(body["orderId"], id);
+    assert_eq!(
+        body["items"],
+        json!([{ "sku": "BK-12", "qty": 2 }, { "sku": "MG-07", "qty": 1 }])
+    );
+    // Inventory keys each line `<key>:<sku>`: `order_id:sku`, as when lines were reserved singly.
+    assert_eq!(request.headers["idempotency-key"], id);
+    assert_eq!(request.headers["x-correlation-id"], "test-place-order-1");
+    app.teardown().await;
+}
+
+#[tokio::test]
+async fn a_three_line_order_is_reserved_in_exactly_one_request() {
+    let app = spawn_app().await;
+    let mut reservations = Vec::new();
+    for (sku, price) in [("BK-12", 39.90), ("MG-07", 12.50), ("ST-01", 3.20)] {
+        app.given_price(sku, price).await;
+        reservations.push(app.given_stock(sku).await);
     }
+
+    let order = app
+        .placed(&[("BK-12", 1), ("MG-07", 2), ("ST-01", 3)])
+        .await;
+
+    let reserves = app.inventory_calls("/reserve").await;
+    assert_eq!(reserves.len(), 1, "{reserves:?}");
+    let lines: Vec<Value> = order["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .map(|line| line["reservationId"].clone())
+        .collect();
+    assert_eq!(lines, json!(reservations).as_array().expect("ids").clone());
     app.teardown().await;
 }
 
@@ -119,16 +144,19 @@ async fn duplicate_skus_in_one_order_are_merged_into_one_line() {
     assert_eq!(order["lines"][0]["qty"], 3);
     let reserves = app.inventory_calls("/reserve").await;
     assert_eq!(reserves.len(), 1);
-    assert_eq!(reserves[0].1["qty"], 3);
+    assert_eq!(
+        reserves[0].1["items"],
+        json!([{ "sku": "MG-07", "qty": 3 }])
+    );
     app.teardown().await;
 }
 
 #[tokio::test]
-async fn short_stock_on_one_line_is_409_naming_it_and_releases_the_other_reservations() {
+async fn short_stock_on_one_line_is_409_naming_it_and_releases_nothing_as_nothing_was_reserved() {
     let app = spawn_app().await;
     app.given_price("BK-12", 39.90).await;
     app.given_price("HD-44", 49.00).await;
-    let book = app.given_stock("BK-12").await;
+    app.given_stock("BK-12").await;
     app.given_short_stock("HD-44", 3).await;
     app.given_releases_succeed().await;
 
@@ -139,15 +167,17 @@ async fn short_stock_on_one_line_is_409_naming_it_and_releases_the_other_reserva
     assert_eq!(problem["sku"], "HD-44");
     assert_eq!(problem["requested"], 4);
     assert_eq!(problem["available"], 3);
-    assert_eq!(app.released().await, [book.to_string()]);
+    // All or none at inventory: the order's one call reserved nothing, so nothing is released.
+    assert_eq!(app.inventory_calls("/reserve").await.len(), 1);
+    assert!(app.released().await.is_empty());
     app.teardown().await;
 }
 
 #[tokio::test]
-async fn an_unknown_sku_is_422_naming_it_and_releases_the_other_reservations() {
+async fn an_unknown_sku_is_422_naming_it_and_releases_nothing_as_nothing_was_reserved() {
     let app = spawn_app().await;
     app.given_price("BK-12", 39.90).await;
-    let book = app.given_stock("BK-12").await;
+    app.given_stock("BK-12").await;
     app.given_unknown_sku("NOPE-1").await;
     app.given_releases_succeed().await;
 
@@ -156,7 +186,7 @@ async fn an_unknown_sku_is_422_naming_it_and_releases_the_other_reservations() {
     assert_eq!(response.status(), 422);
     let problem: Value = response.json().await.expect("problem JSON");
     assert_eq!(problem["sku"], "NOPE-1");
-    assert_eq!(app.released().await, [book.to_string()]);
+    assert!(app.released().await.is_empty());
     app.teardown().await;
 }
 
