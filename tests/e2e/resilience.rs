@@ -168,7 +168,9 @@ async fn under_thirty_percent_injected_failures_every_order_succeeds_and_no_unit
         .faulty_inventory(FaultPlan::fail(3, 10))
         .spawn()
         .await;
-    let orders = 10;
+    // One reserve call per order (its lines are reserved together), so 20 orders make at least
+    // 20 calls through the proxy and at least 6 of them fail.
+    let orders = 20;
 
     for _ in 0..orders {
         let response = stack
