@@ -32,7 +32,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use orders::{assert_eventually_drained, get_json, metric, place_until_answered, units_sold};
+use orders::{
+    assert_eventually_drained, get_json, metric, place_until_answered, units_sold,
+    unreadable_orders,
+};
 use serde_json::json;
 use stack::{Stack, amqp_url};
 use tokio::time::Instant;
@@ -155,21 +158,7 @@ async fn scenario() {
     let ids: HashSet<&str> = placed.iter().map(|(_, id)| id.as_str()).collect();
     assert_eq!(ids.len(), placed.len(), "each key names its own order");
     let order_base = stack.service("order").url("/orders/");
-    let missing = futures::stream::iter(ids.iter())
-        .map(|id| {
-            let (http, url) = (http.clone(), format!("{order_base}{id}"));
-            async move {
-                http.get(url)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0)
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .filter(|status| std::future::ready(*status != 200))
-        .count()
-        .await;
+    let missing = unreadable_orders(&http, &order_base, ids.iter().copied(), CONCURRENCY).await;
     assert_eq!(missing, 0, "every placed order is stored");
 
     // Once the failed orders' reservations have expired and both consumers caught up: units

@@ -96,6 +96,32 @@ pub async fn place(http: &reqwest::Client, url: &str, key: &str, body: &Value) -
     }
 }
 
+/// How many of the orders `ids` are not answered `200` by `GET {orders_url}{id}`, read
+/// `concurrency` at a time.
+pub async fn unreadable_orders<'a>(
+    http: &reqwest::Client,
+    orders_url: &str,
+    ids: impl IntoIterator<Item = &'a str>,
+    concurrency: usize,
+) -> usize {
+    use futures::StreamExt;
+    futures::stream::iter(ids)
+        .map(|id| {
+            let (http, url) = (http.clone(), format!("{orders_url}{id}"));
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter(|status| std::future::ready(*status != 200))
+        .count()
+        .await
+}
+
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     match http.get(url).send().await {
         Ok(response) => response.json().await.unwrap_or(Value::Null),

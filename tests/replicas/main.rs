@@ -39,7 +39,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use orders::{assert_eventually_drained, get_json, metric, place, place_until_answered};
+use orders::{
+    assert_eventually_drained, get_json, metric, place, place_until_answered, unreadable_orders,
+};
 use serde_json::json;
 use shared::testing::postgres::TestDatabase;
 use stack::{Layout, Stack, amqp_url};
@@ -195,21 +197,14 @@ async fn scenario() {
 
     // Every order is stored once, and both order replicas read it.
     for (replica, base) in order.iter().enumerate() {
-        let missing = futures::stream::iter(ids.iter())
-            .map(|id| {
-                let (http, url) = (http.clone(), format!("{base}/orders/{id}"));
-                async move {
-                    http.get(url)
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16())
-                        .unwrap_or(0)
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .filter(|status| std::future::ready(*status != 200))
-            .count()
-            .await;
+        let orders_url = format!("{base}/orders/");
+        let missing = unreadable_orders(
+            &http,
+            &orders_url,
+            ids.iter().map(String::as_str),
+            CONCURRENCY,
+        )
+        .await;
         assert_eq!(missing, 0, "order-{} reads every placed order", replica + 1);
     }
 

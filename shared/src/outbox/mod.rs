@@ -23,7 +23,6 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
-use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -205,7 +204,16 @@ fn undecodable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Da
     DatabaseError::new(error, false)
 }
 
-fn pending_row(row: &SqliteRow) -> Result<PendingRow, DatabaseError> {
+/// Decodes an outbox row as either backend's `unsent` query selects it (`id, message_id,
+/// event_type, version, correlation_id, data, traceparent, tracestate`): one decoder for both, so
+/// the backends cannot drift apart in what a row means.
+pub(crate) fn pending_row<'r, R>(row: &'r R) -> Result<PendingRow, DatabaseError>
+where
+    R: Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     let message_id: String = row.try_get("message_id")?;
     let data: String = row.try_get("data")?;
     Ok(PendingRow {

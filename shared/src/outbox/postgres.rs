@@ -10,14 +10,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
-use sqlx::postgres::PgRow;
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::Mutex;
-use uuid::Uuid;
 
-use super::{BacklogSize, OutboxStorage, PendingRow};
+use super::{BacklogSize, OutboxStorage, PendingRow, pending_row};
 use crate::db::DatabaseError;
 use crate::messaging::OutgoingMessage;
 use crate::pg::PgDatabase;
@@ -115,29 +112,6 @@ struct Session {
     connection: Option<PgConnection>,
     /// The connection holds [`RELAY_LOCK`].
     leading: bool,
-}
-
-fn undecodable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatabaseError {
-    DatabaseError::new(error, false)
-}
-
-fn pending_row(row: &PgRow) -> Result<PendingRow, DatabaseError> {
-    let message_id: String = row.try_get("message_id")?;
-    let data: String = row.try_get("data")?;
-    Ok(PendingRow {
-        id: row.try_get("id")?,
-        message: OutgoingMessage {
-            message_id: Uuid::parse_str(&message_id).map_err(undecodable)?,
-            event_type: row.try_get("event_type")?,
-            version: u32::try_from(row.try_get::<i64, _>("version")?).map_err(undecodable)?,
-            correlation_id: row.try_get("correlation_id")?,
-            data: Bytes::from(data),
-            trace: trace_context::from_text(
-                row.try_get::<Option<String>, _>("traceparent")?.as_deref(),
-                row.try_get::<Option<String>, _>("tracestate")?.as_deref(),
-            ),
-        },
-    })
 }
 
 impl PgOutbox {
