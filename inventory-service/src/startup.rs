@@ -49,7 +49,8 @@ impl Application {
     /// port cannot be bound.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let background = CancellationToken::new();
-        let store = open_store(&settings, background.clone()).await?;
+        let metrics = Metrics::new(SERVICE);
+        let store = open_store(&settings, &metrics, background.clone()).await?;
         let listener = shared::server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
@@ -62,7 +63,6 @@ impl Application {
             background.clone(),
         );
 
-        let metrics = Metrics::new(SERVICE);
         broker.register_metrics(&metrics);
         let health = readiness_checks(store.clone(), broker.clone());
         let state = AppState {
@@ -139,6 +139,7 @@ impl Application {
 /// The store `DATABASE_URL` names. PostgreSQL's migrations retry until `background` is cancelled.
 async fn open_store(
     settings: &Settings,
+    metrics: &Metrics,
     background: CancellationToken,
 ) -> anyhow::Result<Arc<dyn InventoryStore>> {
     Ok(match settings.database.backend()? {
@@ -146,6 +147,7 @@ async fn open_store(
             let database = shared::db::connect_with(&settings.database, MIGRATIONS)
                 .await
                 .with_context(|| format!("opening the database {}", settings.database.url))?;
+            database.register_metrics(metrics);
             Arc::new(SqliteInventoryStore::new(database))
         }
         Backend::Postgres => {

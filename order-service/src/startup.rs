@@ -55,8 +55,8 @@ impl Application {
         let background = CancellationToken::new();
         // Armed at once: the PostgreSQL migrator started below stops if building fails later.
         let stop_background = background.clone().drop_guard();
-        let (orders, outbox) = open_store(&settings, &background).await?;
         let metrics = Metrics::new(SERVICE);
+        let (orders, outbox) = open_store(&settings, &metrics, &background).await?;
         let pricing = ResilientClient::new(settings.pricing.clone())
             .context("building the pricing client")?;
         let inventory = ResilientClient::new(settings.inventory.clone())
@@ -168,6 +168,7 @@ impl Application {
 /// PostgreSQL database is migrated in the background until `background` is cancelled.
 async fn open_store(
     settings: &Settings,
+    metrics: &Metrics,
     background: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn OrderRepository>, Arc<dyn OutboxStorage>)> {
     let url = &settings.database.url;
@@ -176,6 +177,7 @@ async fn open_store(
             let database = shared::db::connect_with(&settings.database, MIGRATIONS)
                 .await
                 .with_context(|| format!("opening the database {url}"))?;
+            database.register_metrics(metrics);
             (
                 Arc::new(SqliteOrderRepository::new(database.clone())),
                 Arc::new(SqliteOutbox::new(database)),

@@ -49,7 +49,8 @@ impl Application {
         let background = CancellationToken::new();
         // Stops the PostgreSQL migrator (started below) also when a later step fails.
         let stop_background = background.clone().drop_guard();
-        let (store, outbox) = open_store(&settings, &background).await?;
+        let metrics = Metrics::new(SERVICE);
+        let (store, outbox) = open_store(&settings, &metrics, &background).await?;
         let listener = shared::server::bind(&settings.host, settings.port)
             .await
             .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
@@ -63,7 +64,6 @@ impl Application {
         );
         let relay = OutboxRelay::with_storage(outbox, broker.publisher());
 
-        let metrics = Metrics::new(SERVICE);
         broker.register_metrics(&metrics);
         relay.register_metrics(&metrics);
         let health = readiness_checks(store.clone(), broker.clone());
@@ -139,6 +139,7 @@ impl Application {
 /// The store and the outbox the relay reads, on the backend `DATABASE_URL` names.
 async fn open_store(
     settings: &Settings,
+    metrics: &Metrics,
     background: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn PriceStore>, Arc<dyn OutboxStorage>)> {
     Ok(match settings.database.backend()? {
@@ -146,6 +147,7 @@ async fn open_store(
             let database = shared::db::connect_with(&settings.database, MIGRATIONS)
                 .await
                 .with_context(|| format!("opening the database {}", settings.database.url))?;
+            database.register_metrics(metrics);
             (
                 Arc::new(SqlitePriceStore::new(database.clone())),
                 Arc::new(SqliteOutbox::new(database)),

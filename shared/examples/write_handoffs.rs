@@ -1,7 +1,8 @@
 //! Measures what a SQLite write transaction costs through sqlx statement by statement (the write
 //! path the services had before, rebuilt here on a connection of the example's own) and as one
-//! closure on the writer thread ([`Database::write`])
-//! (`docs/decisions/0410-sqlite-writer-thread.md`).
+//! closure on the writer thread ([`Database::write`]), with a `COMMIT` per write and with the
+//! writes waiting together sharing one (group commit)
+//! (`docs/decisions/0410-sqlite-writer-thread.md`, `docs/decisions/0430-sqlite-group-commit.md`).
 //!
 //! ```sh
 //! cargo run --release -p shared --example write_handoffs -- [TRANSACTIONS]   # default 10000
@@ -83,8 +84,9 @@ enum Path {
     /// `BEGIN IMMEDIATE`, one sqlx statement after another, `COMMIT`, on one sqlx connection
     /// taken in turn ([`SqlxWriter`]).
     Sqlx,
-    /// One closure on the writer thread.
-    Writer,
+    /// One closure on the writer thread; at most this many writes waiting together share one
+    /// `COMMIT` (`SQLITE_WRITE_GROUP`; 1: a `COMMIT` per write).
+    Writer(usize),
     /// The same statements on a rusqlite connection of the caller's own (on a blocking thread,
     /// one task only): SQLite's own cost, the floor under both paths.
     Direct,
@@ -245,10 +247,18 @@ async fn run(
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let file = dir.join(format!("{}.db", Uuid::new_v4()));
-    let db = db::connect(&format!("sqlite://{}", file.display()), MIGRATIONS).await?;
+    let settings = db::DbSettings {
+        url: format!("sqlite://{}", file.display()),
+        durability: db::Durability::Normal,
+        write_group: match path {
+            Path::Writer(group) => group,
+            Path::Sqlx | Path::Direct => 1,
+        },
+    };
+    let db = db::connect_with(&settings, MIGRATIONS).await?;
     let sqlx_writer = match path {
         Path::Sqlx => Some(std::sync::Arc::new(SqlxWriter::open(&file).await?)),
-        Path::Writer | Path::Direct => None,
+        Path::Writer(_) | Path::Direct => None,
     };
     let each = transactions / tasks;
     let switches = context_switches();
@@ -295,7 +305,7 @@ async fn run(
         _ => "-".to_owned(),
     };
     println!(
-        "{:<20} {done} transactions in {:.2} s: {:>6.0} transactions/s, CPU {cpu}, {:.1} context switches per transaction",
+        "{:<22} {done} transactions in {:.2} s: {:>6.0} transactions/s, CPU {cpu}, {:.1} context switches per transaction",
         format!("{path:?} from {tasks}"),
         elapsed.as_secs_f64(),
         done as f64 / elapsed.as_secs_f64(),
@@ -319,9 +329,12 @@ async fn main() -> anyhow::Result<()> {
         let runs = [
             (Path::Direct, 1),
             (Path::Sqlx, 1),
-            (Path::Writer, 1),
+            (Path::Writer(1), 1),
             (Path::Sqlx, 16),
-            (Path::Writer, 16),
+            (Path::Writer(1), 16),
+            (Path::Writer(db::WRITE_GROUP), 16),
+            (Path::Writer(1), 64),
+            (Path::Writer(db::WRITE_GROUP), 64),
         ];
         for (path, tasks) in runs {
             outcome = run(path, tasks, transactions, &dir).await;

@@ -37,8 +37,8 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::config::{ConfigError, Env};
-pub use writer::WRITE_QUEUE;
 use writer::WriterThread;
+pub use writer::{WRITE_GROUP, WRITE_QUEUE};
 
 /// How long a connection waits for another's lock before giving up with `SQLITE_BUSY`: every
 /// transaction here takes milliseconds, so 5 s only runs out when something is badly stuck, and
@@ -231,21 +231,35 @@ pub struct DbSettings {
     pub url: String,
     /// `SQLITE_SYNCHRONOUS`.
     pub durability: Durability,
+    /// `SQLITE_WRITE_GROUP`: the most waiting writes one `COMMIT` takes (see [`Database::write`]);
+    /// 1 commits every write on its own.
+    pub write_group: usize,
 }
 
 impl DbSettings {
     /// Reads `DATABASE_URL` (default `sqlite://data/<service>.db`, relative to the working
-    /// directory) and `SQLITE_SYNCHRONOUS` (`NORMAL` or `FULL`, default `NORMAL`).
+    /// directory), `SQLITE_SYNCHRONOUS` (`NORMAL` or `FULL`, default `NORMAL`) and
+    /// `SQLITE_WRITE_GROUP` (1 to [`WRITE_QUEUE`], default [`WRITE_GROUP`]).
     ///
     /// # Errors
     /// [`ConfigError`] for a `DATABASE_URL` that is neither `sqlite:` nor `postgres://` (so a
-    /// typo fails at startup, naming the variable) or an unknown `SQLITE_SYNCHRONOUS`.
+    /// typo fails at startup, naming the variable), an unknown `SQLITE_SYNCHRONOUS`, or a
+    /// `SQLITE_WRITE_GROUP` out of range.
     pub fn from_env(env: &Env, service: &str) -> Result<Self, ConfigError> {
         let url = env.string_or("DATABASE_URL", &format!("sqlite://data/{service}.db"));
         crate::pg::Backend::of(&url)?;
+        let write_group = env.parse_or("SQLITE_WRITE_GROUP", WRITE_GROUP)?;
+        if !(1..=WRITE_QUEUE).contains(&write_group) {
+            return Err(ConfigError {
+                key: "SQLITE_WRITE_GROUP".to_owned(),
+                value: write_group.to_string(),
+                reason: format!("must be between 1 and {WRITE_QUEUE}"),
+            });
+        }
         Ok(Self {
             url,
             durability: env.parse_or("SQLITE_SYNCHRONOUS", Durability::Normal)?,
+            write_group,
         })
     }
 
@@ -273,6 +287,7 @@ pub async fn connect(
     let settings = DbSettings {
         url: url.to_owned(),
         durability: Durability::Normal,
+        write_group: WRITE_GROUP,
     };
     connect_with(&settings, migrations).await
 }
@@ -321,9 +336,13 @@ pub async fn connect_with(
         .connect_with(options.clone())
         .await?;
     migrate(&pool, migrations).await?;
-    let thread = WriterThread::start(options.get_filename(), settings.durability)
-        .await
-        .map_err(|error| sqlx::Error::Io(std::io::Error::other(error)))?;
+    let thread = WriterThread::start(
+        options.get_filename(),
+        settings.durability,
+        settings.write_group,
+    )
+    .await
+    .map_err(|error| sqlx::Error::Io(std::io::Error::other(error)))?;
     Ok(Database {
         pool,
         shared: Arc::new(Shared {
@@ -396,13 +415,23 @@ impl Database {
         &self.pool
     }
 
-    /// Runs `work` as one write transaction on the writer thread: `BEGIN IMMEDIATE`, `work`,
-    /// then `COMMIT` when it returns `Ok`, `ROLLBACK` when it returns `Err` or panics. The whole
+    /// Runs `work` as one write transaction on the writer thread: its statements take effect
+    /// when it returns `Ok` and are rolled back when it returns `Err` or panics. The whole
     /// transaction is one hand-off to the thread and one back, so `work` is synchronous rusqlite
     /// code (`tx.prepare_cached(sql)?.execute(params)?`) that should do nothing but the
     /// transaction's statements: no waiting on the network, no awaiting. It runs in the caller's
     /// tracing span and correlation ID, so [`crate::outbox::sqlite::enqueue`] captures both. It
-    /// must not end the transaction itself (`COMMIT`) nor change the connection's settings.
+    /// must not end the transaction itself (`COMMIT`, `ROLLBACK`), nor change the connection's
+    /// settings, nor rely on deferred constraints (see below).
+    ///
+    /// Group commit: writes already waiting when the thread takes the next one (at most
+    /// [`DbSettings::write_group`], default [`WRITE_GROUP`]) run one after another, in queue order, inside one `BEGIN IMMEDIATE
+    /// … COMMIT`, each in a `SAVEPOINT` of its own: a write that fails or panics is rolled back to
+    /// its savepoint alone, and each caller is answered only once the shared `COMMIT` has
+    /// succeeded (or with its failure, when it failed: then nothing of the group is stored). A
+    /// lone write never waits for company. Serially, each write sees the ones before it, exactly
+    /// as if each had committed on its own; only a deferred constraint (checked at `COMMIT`)
+    /// could make one write fail the others, and no schema here declares one.
     ///
     /// Cancellation: dropping the returned future never leaves a transaction open or half
     /// applied. A transaction not yet started when its caller is gone is skipped; one already
@@ -425,6 +454,23 @@ impl Database {
         E: Send + 'static,
     {
         self.shared.thread.write(work).await
+    }
+
+    /// Registers the writer thread's counters in `metrics`: `database_writes_total` (write
+    /// transactions) and `database_write_commits_total` (`COMMIT`s; several writes waiting
+    /// together share one, so writes / commits is the mean group size).
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        let stats = self.shared.thread.stats();
+        metrics.register(
+            "database_writes",
+            "Write transactions run on the SQLite writer thread",
+            stats.writes.clone(),
+        );
+        metrics.register(
+            "database_write_commits",
+            "COMMITs on the SQLite writer thread (writes waiting together share one)",
+            stats.commits.clone(),
+        );
     }
 
     /// Closes the read pool and stops the writer thread after the writes already queued; later
@@ -492,6 +538,12 @@ mod tests {
             "tags",
             "CREATE TABLE tags (note_id INTEGER NOT NULL REFERENCES notes(id));",
         ),
+        (
+            3,
+            "late tags",
+            "CREATE TABLE late_tags (note_id INTEGER NOT NULL \
+             REFERENCES notes(id) DEFERRABLE INITIALLY DEFERRED);",
+        ),
     ];
 
     fn temp_url() -> (std::path::PathBuf, String) {
@@ -552,6 +604,7 @@ mod tests {
         let settings = DbSettings {
             url: url.clone(),
             durability: Durability::Full,
+            write_group: WRITE_GROUP,
         };
         let database = connect_with(&settings, MIGRATIONS).await.expect("opens");
         let mode = sqlx::query("PRAGMA journal_mode")
@@ -633,6 +686,161 @@ mod tests {
         assert!(!has_note(&database, "never committed").await);
     }
 
+    /// Holds the writer thread inside a write until `count` more writes wait behind it, so those
+    /// are taken as one group; returns the held write's handle and the gate that releases it.
+    async fn hold_writer(
+        database: &Database,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), WriteError<rusqlite::Error>>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let (entered, inside) = tokio::sync::oneshot::channel();
+        let held = {
+            let database = database.clone();
+            tokio::spawn(async move {
+                database
+                    .write(move |tx| {
+                        let _ = entered.send(());
+                        let _ = gate.recv();
+                        add_note(tx, "held")
+                    })
+                    .await
+            })
+        };
+        inside.await.expect("the held write runs");
+        (held, open)
+    }
+
+    async fn wait_queued(database: &Database, count: usize) {
+        while database.shared.thread.queued() < count {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn stats(database: &Database) -> (u64, u64) {
+        let stats = database.shared.thread.stats();
+        (stats.writes.get(), stats.commits.get())
+    }
+
+    #[tokio::test]
+    async fn writes_waiting_together_share_one_commit_and_one_that_fails_or_panics_is_undone_alone()
+    {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        let (held, open) = hold_writer(&database).await;
+        let write = |body: &'static str, fails: Option<bool>| {
+            let database = database.clone();
+            tokio::spawn(async move {
+                database
+                    .write(move |tx| {
+                        add_note(tx, body)?;
+                        match fails {
+                            None => Ok(()),
+                            Some(false) => Err(rusqlite::Error::QueryReturnedNoRows),
+                            Some(true) => panic!("a write that panics"),
+                        }
+                    })
+                    .await
+            })
+        };
+        let kept = write("kept", None);
+        wait_queued(&database, 1).await;
+        let failed = write("failed", Some(false));
+        wait_queued(&database, 2).await;
+        let panicked = write("panicked", Some(true));
+        wait_queued(&database, 3).await;
+        let after = write("after", None);
+        wait_queued(&database, 4).await;
+        open.send(()).expect("releases the held write");
+
+        assert!(held.await.expect("joins").is_ok());
+        assert!(kept.await.expect("joins").is_ok());
+        assert!(matches!(
+            failed.await.expect("joins"),
+            Err(WriteError::Aborted(_))
+        ));
+        assert!(matches!(
+            panicked.await.expect("joins"),
+            Err(WriteError::Database(e)) if e.to_string().contains("a write that panics")
+        ));
+        assert!(after.await.expect("joins").is_ok());
+        for (body, stored) in [
+            ("held", true),
+            ("kept", true),
+            ("failed", false),
+            ("panicked", false),
+            ("after", true),
+        ] {
+            assert_eq!(has_note(&database, body).await, stored, "{body}");
+        }
+        // The held write alone, then the four waiting behind it together.
+        assert_eq!(stats(&database), (5, 2));
+    }
+
+    #[tokio::test]
+    async fn with_a_write_group_of_one_every_write_commits_on_its_own() {
+        let (dir, url) = temp_url();
+        let settings = DbSettings {
+            url,
+            durability: Durability::Normal,
+            write_group: 1,
+        };
+        let database = connect_with(&settings, MIGRATIONS).await.expect("opens");
+        let (held, open) = hold_writer(&database).await;
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let database = database.clone();
+                tokio::spawn(async move { database.write(|tx| add_note(tx, "alone")).await })
+            })
+            .collect();
+        wait_queued(&database, 3).await;
+        open.send(()).expect("releases the held write");
+        assert!(held.await.expect("joins").is_ok());
+        for write in waiting {
+            assert!(write.await.expect("joins").is_ok());
+        }
+        assert_eq!(stats(&database), (4, 4));
+        database.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_commit_fails_tells_every_write_in_it_and_stores_none_of_them() {
+        let database = connect("sqlite::memory:", MIGRATIONS).await.expect("opens");
+        let (held, open) = hold_writer(&database).await;
+        let innocent = {
+            let database = database.clone();
+            tokio::spawn(async move { database.write(|tx| add_note(tx, "innocent")).await })
+        };
+        wait_queued(&database, 1).await;
+        // A deferred foreign key is checked at COMMIT: this write succeeds and its group's
+        // COMMIT fails.
+        let dangling = {
+            let database = database.clone();
+            tokio::spawn(async move {
+                database
+                    .write(|tx| tx.execute("INSERT INTO late_tags (note_id) VALUES (42)", []))
+                    .await
+            })
+        };
+        wait_queued(&database, 2).await;
+        open.send(()).expect("releases the held write");
+
+        assert!(held.await.expect("joins").is_ok());
+        for outcome in [
+            innocent.await.expect("joins").map(drop),
+            dangling.await.expect("joins").map(drop),
+        ] {
+            assert!(
+                matches!(&outcome, Err(WriteError::Database(e)) if e.to_string().contains("FOREIGN KEY")),
+                "{outcome:?}"
+            );
+        }
+        assert!(!has_note(&database, "innocent").await);
+        insert_note(&database, "next").await;
+        assert!(has_note(&database, "next").await);
+    }
+
     /// One decoding for rows of both drivers, as the stores use [`Columns`].
     fn decode_note(row: &impl Columns) -> Result<(i64, String, Option<String>), DatabaseError> {
         Ok((row.value("id")?, row.value("body")?, row.value("missing")?))
@@ -685,13 +893,26 @@ mod tests {
     }
 
     #[test]
-    fn durability_is_read_from_the_environment() {
-        let env = Env::from_pairs([("SQLITE_SYNCHRONOUS", "full")]);
+    fn durability_and_write_group_are_read_from_the_environment() {
+        let env = Env::from_pairs([("SQLITE_SYNCHRONOUS", "full"), ("SQLITE_WRITE_GROUP", "1")]);
         let settings = DbSettings::from_env(&env, "order").expect("valid");
         assert_eq!(settings.durability, Durability::Full);
+        assert_eq!(settings.write_group, 1);
         assert_eq!(settings.url, "sqlite://data/order.db");
         let bad = Env::from_pairs([("SQLITE_SYNCHRONOUS", "sometimes")]);
         assert!(DbSettings::from_env(&bad, "order").is_err());
+        for (value, reason) in [
+            ("0", "between 1 and 256"),
+            ("257", "between 1 and 256"),
+            ("many", ""),
+        ] {
+            let bad = Env::from_pairs([("SQLITE_WRITE_GROUP", value)]);
+            let error = DbSettings::from_env(&bad, "order").expect_err(value);
+            assert_eq!(error.key, "SQLITE_WRITE_GROUP");
+            assert!(error.reason.contains(reason), "{error}");
+        }
+        let default = DbSettings::from_env(&Env::from_pairs::<[(&str, &str); 0], _, _>([]), "o");
+        assert_eq!(default.expect("valid").write_group, WRITE_GROUP);
     }
 
     // The writer thread (`Database::write`).
@@ -705,7 +926,11 @@ mod tests {
     /// A file database of its own (removed by the caller with the returned directory).
     async fn file_database(durability: Durability) -> (std::path::PathBuf, Database) {
         let (dir, url) = temp_url();
-        let settings = DbSettings { url, durability };
+        let settings = DbSettings {
+            url,
+            durability,
+            write_group: WRITE_GROUP,
+        };
         (
             dir,
             connect_with(&settings, MIGRATIONS).await.expect("opens"),

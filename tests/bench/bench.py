@@ -227,7 +227,8 @@ class Stack:
             DATABASE_URL=(self.postgres.url(service.name) if self.postgres and service.name in Postgres.STATEFUL
                           else f"sqlite://{self.workdir / (service.name + '.db')}"),
             LOG_FORMAT="json",
-            RUST_LOG="info",
+            # info is the production setting; BENCH_RUST_LOG measures what logging costs.
+            RUST_LOG=os.environ.get("BENCH_RUST_LOG", "info"),
             # wrk is one loopback client; the gateway's per-client rate limit would answer most of
             # its requests 429 and the benchmark would measure the limit, not the system. Off here,
             # and only here, explicitly.
