@@ -27,6 +27,8 @@
 //! `tracing-subscriber`'s own JSON format nests span fields and names the message `message`;
 //! grepping and shipping logs is simpler with one flat object in the shape above, hence this layer.
 
+pub mod log_writer;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 
@@ -205,7 +207,7 @@ pub fn init_subscriber(
 #[must_use = "dropping the guard stops trace export and log flushing"]
 pub struct TelemetryGuard {
     traces: Option<SdkTracerProvider>,
-    _logs: tracing_appender::non_blocking::WorkerGuard,
+    _logs: log_writer::LogWriterGuard,
 }
 
 impl std::fmt::Debug for TelemetryGuard {
@@ -229,8 +231,8 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Logs to stdout through a background writer thread, so a slow terminal or pipe never blocks a
-/// request, and exports traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Keep the returned guard
+/// Logs to stdout through the [`log_writer`] (lines gather in memory; one thread writes them out
+/// every few milliseconds), so a slow terminal or pipe never blocks a request, and exports traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Keep the returned guard
 /// alive until exit: dropping it exports queued spans and flushes buffered lines.
 ///
 /// # Errors
@@ -239,17 +241,10 @@ impl Drop for TelemetryGuard {
 pub fn init_stdout(service: &'static str, env: &Env) -> Result<TelemetryGuard, TelemetryError> {
     let settings = TelemetrySettings::from_env(env)?;
     let traces = tracer_provider(service, &settings, env)?;
-    // Lossy: under a log flood, lines are dropped rather than requests stalled. The buffer (128k
-    // lines) absorbs any burst this system produces at benchmark load.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(128 * 1024)
-        .lossy(true)
-        // Buffered, so a burst of lines costs one `write` instead of one per line: the writer
-        // thread flushes whenever it has drained the queue, so no line waits for more to come.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
+    // Lines gather in memory and one thread writes them out every few milliseconds; under a log
+    // flood past the buffer's limit, lines are dropped (and counted) rather than requests stalled.
+    let (writer, guard) =
+        log_writer::spawn(std::io::stdout()).map_err(TelemetryError::LogWriter)?;
     let tracer = traces.as_ref().map(|provider| provider.tracer(service));
     init_subscriber(get_tracing_subscriber(service, &settings, writer, tracer))?;
     if let Some(endpoint) = &settings.otlp_endpoint {
@@ -270,6 +265,9 @@ pub enum TelemetryError {
     /// A global subscriber was already installed.
     #[error(transparent)]
     AlreadyInstalled(#[from] tracing::subscriber::SetGlobalDefaultError),
+    /// The log writer's thread could not be started.
+    #[error("cannot start the log writer: {0}")]
+    LogWriter(std::io::Error),
     /// The OTLP exporter could not be built from the `OTEL_EXPORTER_OTLP_*` settings.
     #[error("cannot export traces: {0}")]
     Exporter(String),
