@@ -686,8 +686,9 @@ mod tests {
         assert!(!has_note(&database, "never committed").await);
     }
 
-    /// Holds the writer thread inside a write until `count` more writes wait behind it, so those
-    /// are taken as one group; returns the held write's handle and the gate that releases it.
+    /// Holds the writer thread inside a write (it stores the note "held") until the returned gate
+    /// is sent to, so the writes queued meanwhile wait behind it (and are taken as one group);
+    /// returns the held write's handle and the gate.
     async fn hold_writer(
         database: &Database,
     ) -> (
@@ -1045,19 +1046,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_whose_caller_is_dropped_before_it_starts_is_not_run() {
         let (dir, database) = file_database(Durability::Normal).await;
-        let (started, has_started) = tokio::sync::oneshot::channel();
-        let (go, wait_for_go) = std::sync::mpsc::channel::<()>();
-        let writer = database.clone();
-        let first = tokio::spawn(async move {
-            writer
-                .write(move |tx| {
-                    let _ = started.send(());
-                    let _ = wait_for_go.recv();
-                    add_note(tx, "first")
-                })
-                .await
-        });
-        has_started.await.expect("the first transaction starts");
+        let (first, go) = hold_writer(&database).await;
 
         // Queued behind the first, polled once and dropped, as a request whose deadline passes.
         assert!(
@@ -1066,14 +1055,14 @@ mod tests {
                 .now_or_never()
                 .is_none()
         );
-        go.send(()).expect("the first waits");
+        go.send(()).expect("the held write waits");
         first.await.expect("joins").expect("commits");
         database
             .write(|tx| add_note(tx, "next"))
             .await
             .expect("the next write works");
 
-        assert!(has_note(&database, "first").await);
+        assert!(has_note(&database, "held").await);
         assert!(!has_note(&database, "abandoned").await);
         assert!(has_note(&database, "next").await);
         database.close().await;

@@ -7,7 +7,8 @@
 //! ```text
 //!  caller tasks ──(job: closure + oneshot)──▶ bounded queue ──▶ writer thread
 //!                                                              BEGIN IMMEDIATE
-//!                                                              for each job waiting (≤ 16):
+//!                                                              for each job waiting (≤ 16,
+//!                                                              SQLITE_WRITE_GROUP):
 //!                                                                SAVEPOINT write
 //!                                                                closure(&tx)  (caller's span,
 //!                                                                RELEASE | ROLLBACK TO  corr. ID)
@@ -73,7 +74,7 @@ pub(super) struct WriterThread {
 pub(super) struct WriteStats {
     /// Write transactions run (a caller gone before its turn is not counted).
     pub(super) writes: Counter,
-    /// `COMMIT`s issued, one per group.
+    /// Groups run, one `BEGIN … COMMIT` (or its rollback) each.
     pub(super) commits: Counter,
 }
 
